@@ -1,0 +1,3 @@
+from extauthz.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Rule evaluation (POLICY §2): priority order, deny wins, default effect, fail closed.
+
+Conditions are three-valued: true, false, or unresolved (a variable that could not
+be resolved, a relationship backend that failed). Unresolved counts as matched in
+a deny rule and as not matched in an allow rule, so an error can only ever deny.
+
+Relationship conditions are the expensive ones, so they are evaluated last and
+lazily: only for rules whose cheap conditions all match, and only while the
+decision can still change (a matched deny makes every lookup moot; a matched
+allow makes pending allow lookups moot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from extauthz.core.claims import Claims
+from extauthz.core.request import HttpRequest
+from extauthz.core.variables import resolve
+from extauthz.policy.model import Effect, Presence, Proxy, Rule
+
+
+class Outcome(StrEnum):
+    MATCHED = "matched"
+    NOT_MATCHED = "not matched"
+    PENDING = "pending"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    """Why one rule did or did not match; shown by ``extauthz explain``."""
+
+    rule: Rule
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    effect: Effect
+    rule: Rule | None
+    trace: tuple[RuleTrace, ...]
+
+
+class RelationshipResolver(Protocol):
+    """Answers a rule's relationship condition: True/False, or None when unresolved."""
+
+    async def resolve(
+        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
+    ) -> bool | None: ...
+
+
+class NoRelationships:
+    """Used when no backend is configured: every relationship condition is unresolved."""
+
+    async def resolve(
+        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
+    ) -> bool | None:
+        return None
+
+
+def _presence(found: bool, presence: Presence) -> bool:
+    return found if presence is Presence.MUST_EXIST else not found
+
+
+def _cheap(rule: Rule, request: HttpRequest, claims: Claims) -> tuple[bool | None, str, dict[str, str]]:
+    """Evaluate every non-relationship condition; (result, reason, variable values)."""
+    if rule.methods is not None and request.method not in rule.methods:
+        return False, f"method {request.method} not in {sorted(rule.methods)}", {}
+    values = resolve(rule.variables, request, claims)
+    unresolved: list[str] = []
+    if rule.path is not None:
+        regex = rule.path.pattern.bind(values)
+        if regex is None:
+            unresolved.append(f"path pattern {rule.path.pattern.source!r}")
+        else:
+            found = regex.search(request.path) is not None
+            if not _presence(found, rule.path.presence):
+                return False, f"path {request.path!r} {'does not match' if not found else 'matches'} " \
+                    f"{rule.path.pattern.source!r} ({rule.path.presence.value})", values
+    for condition in rule.token:
+        name_re = condition.claim.bind(values)
+        value_re = condition.value.bind(values) if condition.value is not None else None
+        if name_re is None or (condition.value is not None and value_re is None):
+            unresolved.append(f"token condition on {condition.claim.source!r}")
+            continue
+        found = False
+        for name, spelled in claims.flat:
+            if name_re.search(name) is None:
+                continue
+            if value_re is None or (spelled is not None and any(value_re.search(v) for v in spelled)):
+                found = True
+                break
+        if not _presence(found, condition.presence):
+            what = condition.claim.source + (f" = {condition.value.source!r}" if condition.value else "")
+            return False, f"claim {what} is {'present' if found else 'absent'} " \
+                f"({condition.presence.value})", values
+    if unresolved:
+        return None, "unresolved: " + ", ".join(unresolved), values
+    return True, "all conditions match", values
+
+
+async def evaluate(
+    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
+) -> Verdict:
+    trace: list[RuleTrace] = []
+    deny: Rule | None = None
+    allow: Rule | None = None
+    pending: list[tuple[Rule, dict[str, str]]] = []
+    for rule in proxy.rules:
+        result, reason, values = _cheap(rule, request, claims)
+        if result is None:
+            # Fail closed: unresolved matches a deny rule and never an allow rule.
+            result = rule.effect is Effect.DENY
+            reason += " -> counted as " + ("matched (deny rule)" if result else "not matched (allow rule)")
+        if not result:
+            trace.append(RuleTrace(rule, Outcome.NOT_MATCHED, reason))
+        elif rule.is_relationship:
+            pending.append((rule, values))
+            trace.append(RuleTrace(rule, Outcome.PENDING, reason + "; relationship check pending"))
+        else:
+            trace.append(RuleTrace(rule, Outcome.MATCHED, reason))
+            if rule.effect is Effect.DENY and deny is None:
+                deny = rule
+            elif rule.effect is Effect.ALLOW and allow is None:
+                allow = rule
+    if deny is not None:
+        return _verdict(Effect.DENY, deny, trace, pending, "a deny rule already matched")
+
+    async def ask(rule: Rule, values: dict[str, str]) -> bool:
+        answer = await relationships.resolve(rule, values, request, claims)
+        condition = rule.fga or rule.authzen
+        assert condition is not None
+        if answer is None:
+            matched = rule.effect is Effect.DENY
+            note = "relationship unresolved -> counted as " + ("matched" if matched else "not matched")
+        else:
+            matched = _presence(answer, condition.presence)
+            note = f"relationship {'exists' if answer else 'does not exist'} ({condition.presence.value})"
+        _settle(trace, rule, Outcome.MATCHED if matched else Outcome.NOT_MATCHED, note)
+        return matched
+
+    denies = [(r, v) for r, v in pending if r.effect is Effect.DENY]
+    if denies:
+        results = await asyncio.gather(*(ask(r, v) for r, v in denies))
+        for (rule, _), matched in zip(denies, results, strict=True):
+            if matched:
+                return _verdict(Effect.DENY, rule, trace, pending, "a deny rule matched")
+    if allow is None:
+        for rule, values in pending:
+            if rule.effect is Effect.ALLOW and await ask(rule, values):
+                allow = rule
+                break
+    if allow is not None:
+        return _verdict(Effect.ALLOW, allow, trace, pending, "an allow rule already matched")
+    return _verdict(proxy.default_effect, None, trace, pending, "")
+
+
+def _settle(trace: list[RuleTrace], rule: Rule, outcome: Outcome, note: str) -> None:
+    for i, entry in enumerate(trace):
+        if entry.rule is rule:
+            trace[i] = RuleTrace(rule, outcome, entry.reason.replace("relationship check pending", note))
+
+
+def _verdict(
+    effect: Effect, rule: Rule | None, trace: list[RuleTrace],
+    pending: list[tuple[Rule, dict[str, str]]], why: str,
+) -> Verdict:
+    for other, _ in pending:
+        if any(t.rule is other and t.outcome is Outcome.PENDING for t in trace):
+            _settle(trace, other, Outcome.SKIPPED, f"relationship check skipped: {why}")
+    return Verdict(effect, rule, tuple(trace))

@@ -1,0 +1,1 @@
+"""The local playground behind ``extauthz demo``; the tests drive the same pieces."""

@@ -1,0 +1,100 @@
+"""A real (small) identity provider: generated keys, JWKS and OIDC discovery over HTTP.
+
+Used by ``extauthz demo`` and by the tests, so tokens are verified exactly as in
+production: fetched over HTTP, never patched into the verifier.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+
+class SigningKey:
+    def __init__(self, alg: str = "RS256", kid: str | None = None) -> None:
+        self.alg = alg
+        self.kid = kid or uuid.uuid4().hex[:12]
+        if alg.startswith("ES"):
+            self.private: Any = ec.generate_private_key(ec.SECP256R1())
+            algorithm: Any = jwt.algorithms.ECAlgorithm
+        else:
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            algorithm = jwt.algorithms.RSAAlgorithm
+        self.jwk: dict[str, Any] = json.loads(algorithm.to_jwk(self.private.public_key()))
+        self.jwk.update({"kid": self.kid, "use": "sig", "alg": alg})
+
+    def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
+        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **(headers or {})})
+
+
+class IdentityProvider:
+    """Serves ``/.well-known/openid-configuration`` and ``/.well-known/jwks.json``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.keys = [SigningKey()]
+        self.jwks_requests = 0
+        self.down = False
+        idp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if idp.down:
+                    self.send_error(503)
+                    return
+                if self.path == "/.well-known/openid-configuration":
+                    body: dict[str, Any] = {"issuer": idp.issuer, "jwks_uri": idp.jwks_uri}
+                elif self.path == "/.well-known/jwks.json":
+                    idp.jwks_requests += 1
+                    body = idp.jwks()
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.issuer = f"http://{host}:{self.port}"
+        self.jwks_uri = f"{self.issuer}/.well-known/jwks.json"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> IdentityProvider:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [k.jwk for k in self.keys]}
+
+    def rotate(self) -> SigningKey:
+        """A new key appears at the IdP (old ones stay published, as IdPs do)."""
+        key = SigningKey()
+        self.keys.append(key)
+        return key
+
+    def token(self, audience: str | list[str] = "orders-api", ttl: int = 3600,
+              key: SigningKey | None = None, **claims: Any) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {"iss": self.issuer, "aud": audience, "iat": now, "exp": now + ttl}
+        payload.update(claims)
+        for name in [k for k, v in payload.items() if v is None]:
+            del payload[name]  # pass sub=None to mint a token without sub
+        return (key or self.keys[0]).sign(payload)
