@@ -45,7 +45,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from extauthz.demo.runner import run_demo
 
-    return run_demo(listen_port=args.port)
+    return run_demo(listen_port=args.port, idp_port=args.idp_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run Envoy + extauthz + a sample app on the sample policy")
     demo.add_argument("--port", type=int, default=8080, help="Envoy listener port")
+    demo.add_argument("--idp-port", type=int, default=8090, help="port of the local identity provider")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -71,7 +71,7 @@ class IdentityProvider:
         self.port = self.server.server_address[1]
         self.issuer = f"http://{host}:{self.port}"
         self.jwks_uri = f"{self.issuer}/.well-known/jwks.json"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> IdentityProvider:
         self._thread.start()

@@ -14,18 +14,19 @@ from extauthz.demo.processes import Envoy, Ports, Sidecar, free_port, render_env
 from extauthz.demo.upstream import Upstream
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-IDP_PORT = 8090  # the sample policy's issuer is http://127.0.0.1:8090
+SAMPLE_ISSUER = "http://127.0.0.1:8090"  # as written in the sample policy
 
 
-def run_demo(listen_port: int = 8080) -> int:
+def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-demo-"))
-    for name in ("policy.yaml", "upstream-api-key.txt"):
-        shutil.copy(EXAMPLES / name, workdir / name)
+    shutil.copy(EXAMPLES / "upstream-api-key.txt", workdir / "upstream-api-key.txt")
+    policy = (EXAMPLES / "policy.yaml").read_text()
+    (workdir / "policy.yaml").write_text(policy.replace(SAMPLE_ISSUER, f"http://127.0.0.1:{idp_port}"))
     ports = Ports(listener=listen_port, admin=free_port(), extauthz=free_port(), app=free_port())
     try:
-        idp = IdentityProvider(port=IDP_PORT)
+        idp = IdentityProvider(port=idp_port)
     except OSError as exc:
-        print(f"extauthz demo: port {IDP_PORT} (the sample IdP) is busy: {exc}", file=sys.stderr)
+        print(f"extauthz demo: port {idp_port} (the sample IdP) is busy: {exc}", file=sys.stderr)
         return 1
     with idp, Upstream(port=ports.app):
         sidecar = Sidecar(workdir / "policy.yaml", ports.extauthz, log_path=workdir / "sidecar.log")

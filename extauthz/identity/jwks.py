@@ -93,7 +93,7 @@ class KeySet:
         self.provider = provider
         self._client = client
         self._keys: _Keys | None = None
-        self._last_attempt = -UNKNOWN_KID_REFETCH_SECONDS
+        self._last_kid_refetch = -UNKNOWN_KID_REFETCH_SECONDS
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._on_fetch = on_fetch or (lambda provider, ok: None)
@@ -136,7 +136,6 @@ class KeySet:
     async def refresh(self) -> bool:
         """Fetch keys now; on failure keep the last good ones. Returns success."""
         async with self._lock:
-            self._last_attempt = time.monotonic()
             try:
                 document = await self._fetch()
                 self._keys = _parse_jwks(document)
@@ -180,13 +179,14 @@ class KeySet:
         """The key that may verify a token with this header; refetches once for a new kid."""
         key = self._find(kid, alg)
         if key is None and kid is not None and self._may_refetch():
+            self._last_kid_refetch = time.monotonic()
             await self.refresh()
             key = self._find(kid, alg)
         return key
 
     def _may_refetch(self) -> bool:
         return (self.remote or bool(self.provider.jwks_file)) and (
-            time.monotonic() - self._last_attempt >= UNKNOWN_KID_REFETCH_SECONDS
+            time.monotonic() - self._last_kid_refetch >= UNKNOWN_KID_REFETCH_SECONDS
         )
 
     def _find(self, kid: str | None, alg: str) -> VerificationKey | None:

@@ -1,0 +1,89 @@
+"""A real stack for end-to-end tests: IdP (JWKS over HTTP) + app + extauthz + Envoy.
+
+Envoy runs the config shipped in ``envoy/`` with only ports rewritten; the
+sidecar runs as ``python -m extauthz serve``, exactly as users run it.
+"""
+
+from __future__ import annotations
+
+import json
+import http.client
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extauthz.demo.idp import IdentityProvider
+from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, Sidecar, render_envoy_config
+from extauthz.demo.upstream import Upstream
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Stack:
+    idp: IdentityProvider
+    upstream: Upstream
+    sidecar: Sidecar
+    envoy: Envoy
+    ports: Ports
+    workdir: Path
+
+    def request(self, method: str, path: str, token: str | None = None,
+                headers: dict[str, str] | None = None, body: bytes | None = None) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports.listener, timeout=15)
+        try:
+            sent = dict(headers or {})
+            if token is not None:
+                sent["authorization"] = f"Bearer {token}"
+            conn.request(method, path, body=body, headers=sent)
+            r = conn.getresponse()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def last_upstream_request(self) -> dict[str, Any]:
+        return self.upstream.requests[-1]
+
+
+def write_policy(workdir: Path, text: str, idp: IdentityProvider) -> Path:
+    """Write a policy, replacing ``ISSUER`` and ``JWKS_URI`` with the test IdP's."""
+    path = workdir / "policy.yaml"
+    path.write_text(text.replace("JWKS_URI", idp.jwks_uri).replace("ISSUER", idp.issuer))
+    return path
+
+
+@contextmanager
+def running_stack(
+    workdir: Path,
+    policy: str,
+    envoy_config: Path = ENVOY_DIR / "envoy.yaml",
+    edit_envoy: Callable[[dict[str, Any]], None] | None = None,
+    files: dict[str, str] | None = None,
+    sidecar_env: dict[str, str] | None = None,
+    sidecar_args: list[str] | None = None,
+) -> Iterator[Stack]:
+    ports = Ports.free()
+    for name, content in (files or {}).items():
+        (workdir / name).write_text(content)
+    with IdentityProvider() as idp, Upstream(port=ports.app) as upstream:
+        config = write_policy(workdir, policy, idp)
+        sidecar = Sidecar(config, ports.extauthz, env=sidecar_env, log_path=workdir / "sidecar.log",
+                          extra=sidecar_args)
+        envoy = Envoy(render_envoy_config(ports, envoy_config, edit_envoy), log_path=workdir / "envoy.log")
+        try:
+            sidecar.start()
+            envoy.start()
+            yield Stack(idp, upstream, sidecar, envoy, ports, workdir)
+        finally:
+            envoy.stop()
+            sidecar.stop()

@@ -1,0 +1,51 @@
+"""The README's promise: `extauthz demo` prints curls that get 200, 403 and 401 through Envoy."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from extauthz.demo.processes import free_port
+
+
+def run_curl(command: str) -> int:
+    """Execute one printed `curl -i URL [-H 'name: value']` line with http.client."""
+    args = shlex.split(command)
+    url = next(a for a in args if a.startswith("http://"))
+    headers = dict(h.split(": ", 1) for h in (args[i + 1] for i, a in enumerate(args) if a == "-H"))
+    host, _, rest = url.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(host, timeout=10)
+    conn.request("GET", "/" + rest, headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_demo_prints_working_curls() -> None:
+    port, idp_port = free_port(), free_port()
+    demo = subprocess.Popen([sys.executable, "-m", "extauthz", "demo", "--port", str(port),
+                             "--idp-port", str(idp_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        assert demo.stdout is not None
+        output, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            assert line, "demo exited early:\n" + "".join(output)
+            output.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "".join(output)
+        expected = [int(m) for m in re.findall(r"^# (\d{3}):", text, re.M)]
+        curls = [ln for ln in text.splitlines() if ln.startswith("curl ")]
+        assert expected == [200, 403, 401, 200]
+        assert [run_curl(c) for c in curls] == expected
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(20)
+    assert demo.returncode == 0

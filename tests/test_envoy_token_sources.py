@@ -1,0 +1,71 @@
+"""Tokens from a cookie or a query parameter: verified, then never forwarded upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stack import Stack, running_stack
+
+POLICY = """
+providers:
+  - name: idp
+    issuer: ISSUER
+    jwksUri: JWKS_URI
+    audiences: [orders-api]
+    from:
+      - {header: x-api-token}
+      - {cookie: session}
+      - {query: access_token}
+  - name: forwarded
+    issuer: https://forwarding.example
+    jwksUri: JWKS_URI
+    audiences: [orders-api]
+    forwardToken: true
+proxies:
+  - name: orders-api
+    providers: [idp]
+    rules:
+      - {effect: allow, token: [{claim: {pattern: "^sub$"}, value: {pattern: "^user-"}}]}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("sources"), POLICY) as s:
+        yield s
+
+
+def test_header_without_prefix(stack: Stack) -> None:
+    token = stack.idp.token(sub="user-1")
+    assert stack.request("GET", "/x", headers={"x-api-token": token}).status == 200
+    assert "x-api-token" not in stack.last_upstream_request()["headers"]
+
+
+def test_cookie_token_is_removed_and_other_cookies_kept(stack: Stack) -> None:
+    token = stack.idp.token(sub="user-1")
+    r = stack.request("GET", "/x", headers={"cookie": f"theme=dark; session={token}; lang=en"})
+    assert r.status == 200
+    assert stack.last_upstream_request()["headers"]["cookie"] == "theme=dark; lang=en"
+
+
+def test_cookie_only_token_removes_the_cookie_header(stack: Stack) -> None:
+    r = stack.request("GET", "/x", headers={"cookie": f"session={stack.idp.token(sub='user-1')}"})
+    assert r.status == 200
+    assert "cookie" not in stack.last_upstream_request()["headers"]
+
+
+def test_query_token_is_removed_from_the_upstream_url(stack: Stack) -> None:
+    token = stack.idp.token(sub="user-1")
+    assert stack.request("GET", f"/x?page=2&access_token={token}").status == 200
+    assert stack.last_upstream_request()["path"] == "/x?page=2"
+
+
+def test_authorization_header_is_not_a_source_here(stack: Stack) -> None:
+    assert stack.request("GET", "/x", stack.idp.token(sub="user-1")).status == 401
+
+
+def test_untrusted_provider_of_another_proxy_is_refused(stack: Stack) -> None:
+    token = stack.idp.token(sub="user-1", iss="https://forwarding.example")
+    assert stack.request("GET", "/x", headers={"x-api-token": token}).status == 401
