@@ -6,8 +6,8 @@ sidecar runs as ``python -m extauthz serve``, exactly as users run it.
 
 from __future__ import annotations
 
-import json
 import http.client
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

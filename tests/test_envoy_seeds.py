@@ -8,7 +8,6 @@ isolation with a ``{{tenantId}}`` variable.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

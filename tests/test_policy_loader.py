@@ -154,7 +154,8 @@ def test_target_credential_must_come_from_file_or_env(tmp_path: Path) -> None:
 
 
 def test_unknown_provider_reference() -> None:
-    (found,) = errors(BASE.replace("  - name: api\n", "  - name: api\n    providers: [other]\n") + "      - effect: allow\n")
+    text = BASE.replace("  - name: api\n", "  - name: api\n    providers: [other]\n")
+    (found,) = errors(text + "      - effect: allow\n")
     assert "no provider named 'other'" in found
 
 

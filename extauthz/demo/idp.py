@@ -41,6 +41,7 @@ class IdentityProvider:
         self.keys = [SigningKey()]
         self.jwks_requests = 0
         self.down = False
+        self.delay = 0.0
         idp = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -1,0 +1,115 @@
+"""The pipeline (proxy -> identity -> authorization -> response) on the pure core."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from extauthz.core.authorizer import Authorizer
+from extauthz.core.decision import Decision
+from extauthz.core.request import HttpRequest
+from extauthz.demo.idp import SigningKey
+from extauthz.identity.verifier import TokenCache, Verifier
+from extauthz.policy.loader import parse_policy
+
+KEY = SigningKey()
+ISSUER = "https://idp.test"
+
+POLICY = f"""
+providers:
+  - name: idp
+    issuer: {ISSUER}
+    audiences: [api]
+    jwks: {json.dumps({"keys": [KEY.jwk]})}
+proxies:
+  - name: orders
+    hosts: [orders.example.com]
+    publicPaths: [{{pattern: "^/healthz$", methods: [GET]}}]
+    upstream:
+      targetCredential: {{header: x-api-key, env: EXTAUTHZ_TEST_KEY}}
+      identityHeaders: {{x-auth-sub: "{{{{sub}}}}", x-auth-org: "{{{{org.id}}}}"}}
+    rules: [{{effect: allow, path: {{path: {{pattern: "^/orders"}}}}}}]
+  - name: billing
+    default: true
+    mode: monitor
+    rules: [{{effect: deny, path: {{path: {{pattern: "^/secret"}}}}}}, {{effect: allow}}]
+"""
+
+
+def token(**claims: Any) -> str:
+    return KEY.sign({"iss": ISSUER, "aud": "api", "exp": int(time.time()) + 60, **claims})
+
+
+def check(method: str, target: str, headers: dict[str, str] | None = None,
+          context: dict[str, str] | None = None, host: str = "") -> Decision:
+    import os
+    os.environ["EXTAUTHZ_TEST_KEY"] = "k-123"
+    policy = parse_policy(POLICY)
+
+    async def main() -> Decision:
+        async with httpx.AsyncClient() as client:
+            verifier = Verifier(policy.providers, client, TokenCache(10, 60))
+            return await Authorizer(policy, verifier).check(
+                HttpRequest.from_target(method, target, headers=headers or {}, context=context or {}, host=host))
+
+    return asyncio.run(main())
+
+
+def bearer(**claims: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {token(**claims)}"}
+
+
+def test_context_extension_picks_the_proxy() -> None:
+    d = check("GET", "/orders", bearer(sub="u"), {"proxy": "orders"})
+    assert (d.allowed, d.proxy) == (True, "orders")
+
+
+def test_unknown_context_proxy_never_falls_back() -> None:
+    d = check("GET", "/orders", bearer(sub="u"), {"proxy": "nope"})
+    assert (d.allowed, d.status, d.code) == (False, 403, "no_policy")
+
+
+def test_host_then_default_picks_the_proxy() -> None:
+    assert check("GET", "/orders", bearer(sub="u"), host="orders.example.com:443").proxy == "orders"
+    assert check("GET", "/orders", bearer(sub="u"), host="other.example.com").proxy == "billing"
+
+
+def test_public_path_skips_authentication_but_not_method_scope() -> None:
+    d = check("GET", "/healthz", {"x-auth-sub": "spoof"}, {"proxy": "orders"})
+    assert d.allowed and d.code == "allowed"
+    assert "x-auth-sub" in d.mutations.remove_headers
+    assert check("POST", "/healthz", context={"proxy": "orders"}).status == 401
+
+
+def test_allow_mutations() -> None:
+    d = check("GET", "/orders", bearer(sub="u-1", org={"id": "o-9"}), {"proxy": "orders"})
+    assert dict(d.mutations.set_headers) == {"x-api-key": "k-123", "x-auth-sub": "u-1", "x-auth-org": "o-9"}
+    assert d.mutations.remove_headers == ("authorization",)
+    assert d.metadata["sub"] == "u-1" and d.metadata["proxy"] == "orders"
+    assert d.metadata["decisionId"] == d.decision_id
+
+
+def test_identity_header_with_unsafe_value_is_removed_not_forwarded() -> None:
+    d = check("GET", "/orders", bearer(sub="u\r\nx-admin: 1"), {"proxy": "orders"})
+    assert "x-auth-sub" in d.mutations.remove_headers
+    assert "x-auth-sub" not in dict(d.mutations.set_headers)
+
+
+def test_monitor_mode_allows_what_it_would_deny_and_says_so() -> None:
+    d = check("GET", "/secret", bearer(sub="u"), {"proxy": "billing"})
+    assert d.allowed and d.monitored and d.rule is not None and d.rule.index == 0
+
+
+def test_monitor_mode_still_requires_a_valid_token() -> None:
+    assert check("GET", "/secret", context={"proxy": "billing"}).status == 401
+
+
+def test_trace_explains_each_rule() -> None:
+    d = check("GET", "/nope", bearer(sub="u"), {"proxy": "orders"})
+    assert not d.allowed and d.reason == "default deny"
+    (entry,) = d.trace
+    assert entry.outcome.value == "not matched" and "does not match '^/orders'" in entry.reason

@@ -1,0 +1,84 @@
+"""The gRPC server as a process: readiness follows key loading; SIGTERM drains in-flight Checks."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extauthz.demo.idp import IdentityProvider
+from extauthz.demo.processes import Sidecar, free_port
+from tests.stack import write_policy
+
+POLICY = """
+providers:
+  - {name: idp, issuer: ISSUER, jwksUri: JWKS_URI, audiences: [orders-api], jwksRefreshSeconds: 60}
+proxies:
+  - name: orders-api
+    rules: [{effect: allow}]
+"""
+
+
+def check_request(token: str, path: str = "/v1/orders") -> external_auth_pb2.CheckRequest:
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        method="GET", path=path, host="api", headers={"authorization": f"Bearer {token}", "x-request-id": "r1"})
+    return external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
+        request=attribute_context_pb2.AttributeContext.Request(http=http),
+        context_extensions={"proxy": "orders-api"}))
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return int(health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2).status)
+
+
+def test_not_serving_until_keys_load_then_serving(tmp_path: Path) -> None:
+    with IdentityProvider() as idp:
+        idp.down = True
+        sidecar = Sidecar(write_policy(tmp_path, POLICY, idp), free_port()).start(wait_ready=False)
+        try:
+            assert health_status(sidecar.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health_status(sidecar.port, "envoy.service.auth.v3.Authorization") == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+                answer = external_auth_pb2_grpc.AuthorizationStub(channel).Check(check_request(idp.token(sub="u")))
+            assert answer.denied_response.status.code == 503  # fail closed while keys are missing
+            idp.down = False
+            sidecar.wait_ready(timeout=15)  # the background refresh retries until the IdP answers
+            assert "jwks_fetch_failed" in sidecar.logs()
+        finally:
+            sidecar.stop()
+
+
+def test_sigterm_drains_in_flight_checks(tmp_path: Path) -> None:
+    with IdentityProvider() as idp:
+        sidecar = Sidecar(write_policy(tmp_path, POLICY, idp), free_port()).start()
+        try:
+            new_key = idp.rotate()   # an unknown kid makes the Check fetch the JWKS...
+            idp.delay = 1.0          # ...from a slow IdP, so it is in flight when SIGTERM arrives
+            result: dict[str, object] = {}
+
+            def call() -> None:
+                with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+                    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                    result["answer"] = stub.Check(check_request(idp.token(sub="u", key=new_key)), timeout=10)
+
+            worker = threading.Thread(target=call)
+            worker.start()
+            time.sleep(0.4)
+            assert sidecar.process is not None
+            sidecar.process.send_signal(signal.SIGTERM)
+            worker.join(15)
+            answer = result["answer"]
+            assert isinstance(answer, external_auth_pb2.CheckResponse)
+            assert answer.HasField("ok_response")
+            assert sidecar.process.wait(15) == 0
+            assert "draining" in sidecar.logs()
+        finally:
+            sidecar.stop()
