@@ -35,6 +35,7 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # header and body go out in two writes
 
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
