@@ -1,14 +1,15 @@
-"""The ``extauthz`` command: serve, validate, demo."""
+"""The ``extauthz`` command: serve, validate, explain, test, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from extauthz.policy.errors import PolicyError
-from extauthz.policy.loader import load_policy
 
 EXAMPLE_POLICY = Path(__file__).parent / "examples" / "policy.yaml"
 
@@ -19,18 +20,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure(args.log_format, args.log_level)
     try:
-        asyncio.run(serve(Path(args.config), args.grpc_address))
+        asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
+                          args.watch_interval))
     except PolicyError as exc:
         print(f"extauthz: policy rejected:\n{exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # an address that does not parse or cannot be bound
+        print(f"extauthz: cannot serve: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from extauthz.server.validation import load_for_serving  # the server's own checks, not just the loader's
+
     status = 0
     for file in args.files:
         try:
-            policy = load_policy(file)
+            policy = load_for_serving(file)
         except PolicyError as exc:
             print(exc, file=sys.stderr)
             status = 1
@@ -39,6 +46,75 @@ def _validate(args: argparse.Namespace) -> int:
         filters = sum(len(p.filters) for p in policy.proxies)
         print(f"{file}: OK (digest {policy.digest}; {len(policy.providers)} providers, "
               f"{len(policy.proxies)} proxies, {rules} rules, {filters} filters)")
+    return status
+
+
+def _quiet_logs() -> None:
+    """Tools print results on stdout; only warnings and errors are logged, to stderr, for humans."""
+    from extauthz.observability.logging import configure
+
+    configure("console", "warning")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from extauthz.toolbox.explain import Explanation, Identity, build_request, parse_headers
+
+    _quiet_logs()
+
+    try:
+        headers = parse_headers(args.header)
+        claims: dict[str, Any] | None = json.loads(args.claims) if args.claims is not None else None
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"extauthz explain: {exc}", file=sys.stderr)
+        return 2
+    if claims is not None and not isinstance(claims, dict):
+        print("extauthz explain: --claims must be a JSON object", file=sys.stderr)
+        return 2
+    identity = Identity(token=args.token or "", claims=claims, provider=args.provider or "",
+                        expires_in=args.expires_in)
+    request = build_request(args.method, args.target, headers, args.host or "", args.proxy or "")
+    try:
+        if args.admin:
+            from extauthz.admin.client import explain_remote
+
+            explanation: Explanation = explain_remote(args.admin, request, identity)
+        else:
+            explanation = asyncio.run(_explain_offline(Path(args.config), request, identity))
+    except PolicyError as exc:
+        print(f"extauthz explain: policy rejected:\n{exc}", file=sys.stderr)
+        return 2
+    except (ValueError, ConnectionError) as exc:
+        print(f"extauthz explain: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(explanation.as_json(), indent=2))
+    else:
+        print(explanation.render())
+    return 0
+
+
+async def _explain_offline(config: Path, request: Any, identity: Any) -> Any:
+    import httpx
+
+    from extauthz.relationships import build_resolver
+    from extauthz.server.validation import load_for_serving
+    from extauthz.toolbox.explain import decide
+
+    policy = load_for_serving(config)
+    async with httpx.AsyncClient() as http:
+        return await decide(policy, request, identity, http, build_resolver(policy, http))
+
+
+def _test(args: argparse.Namespace) -> int:
+    from extauthz.toolbox.testing import run_file
+
+    _quiet_logs()
+    status = 0
+    for file in args.files:
+        text, code = asyncio.run(run_file(Path(file), Path(args.policy) if args.policy else None,
+                                          args.run or "", args.verbose))
+        print(text, file=sys.stdout if code != 2 else sys.stderr)
+        status = max(status, code)
     return status
 
 
@@ -54,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC ext_authz/ext_proc server")
     serve.add_argument("--config", required=True, help="policy file (YAML or JSON)")
-    serve.add_argument("--grpc-address", help="HOST:PORT to listen on (overrides server.grpcAddress)")
+    serve.add_argument("--grpc-address",
+                       help="HOST:PORT or unix:/PATH to listen on (overrides server.grpcAddress)")
+    serve.add_argument("--metrics-address",
+                       help="HOST:PORT for /metrics, /healthz, /readyz (overrides server.metricsAddress)")
+    serve.add_argument("--admin-address",
+                       help="loopback HOST:PORT or unix:/PATH for the admin service used by `extauthz explain "
+                            "--admin` (overrides server.adminAddress; off by default)")
+    serve.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="how often to look for a new policy file (default 1; 0 turns hot reload off)")
     serve.add_argument("--log-format", choices=["json", "console"], default="json")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
@@ -62,6 +146,41 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check policy files; exit 1 on any error")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=_validate)
+
+    explain = commands.add_parser(
+        "explain", help="show how a policy decides one request, rule by rule",
+        description="Decide one request offline with a policy file (--config) or with a running sidecar's live "
+                    "policy (--admin), and print the decision and which rules matched, which did not and why.",
+    )
+    where = explain.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="policy file to decide with (offline)")
+    where.add_argument("--admin", metavar="ADDRESS",
+                       help="a running sidecar's admin service (server.adminAddress), to use its live policy")
+    explain.add_argument("method", help="HTTP method, e.g. GET")
+    explain.add_argument("target", help="request path, with an optional ?query")
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                         help="a request header (repeatable)")
+    explain.add_argument("--host", help="the request's host (picks the proxy by its hosts)")
+    explain.add_argument("--proxy", help="the proxy name Envoy passes as context_extensions")
+    who = explain.add_mutually_exclusive_group()
+    who.add_argument("--token", help="a real token: verified with the provider's keys")
+    who.add_argument("--claims", metavar="JSON",
+                     help="claims for a token minted with a throwaway local key (iss, aud, iat, exp default "
+                          "to what the provider accepts; a null claim is left out)")
+    explain.add_argument("--provider", help="the provider the token is for (default: the proxy's first)")
+    explain.add_argument("--expires-in", type=int, default=3600, metavar="SECONDS",
+                         help="lifetime of a token minted from --claims (negative: already expired)")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.set_defaults(func=_explain)
+
+    test = commands.add_parser(
+        "test", help="run policy tests (YAML requests and expected outcomes); exit 1 on failure, 2 on error",
+    )
+    test.add_argument("files", nargs="+", help="test files, e.g. policy.test.yaml")
+    test.add_argument("--policy", help="test this policy file instead of the one each test file names")
+    test.add_argument("--run", metavar="REGEX", help="only the tests whose name matches")
+    test.add_argument("-v", "--verbose", action="store_true", help="show the rule trace of passing tests too")
+    test.set_defaults(func=_test)
 
     demo = commands.add_parser("demo", help="run Envoy + extauthz + a sample app on the sample policy")
     demo.add_argument("--port", type=int, default=8080, help="Envoy listener port")

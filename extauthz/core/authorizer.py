@@ -50,6 +50,10 @@ class Authorizer:
         self.relationships = relationships or NoRelationships()
 
     async def check(self, request: HttpRequest) -> Decision:
+        """Decide one request; the decision names this authorizer's policy digest."""
+        return replace(await self._decide(request), policy=self.policy.digest)
+
+    async def _decide(self, request: HttpRequest) -> Decision:
         decision_id = str(uuid.uuid4())
         proxy = select_proxy(self.policy, request)
         if proxy is None:
@@ -81,7 +85,8 @@ class Authorizer:
             if proxy.mode is Mode.MONITOR:
                 decision = self._allow(proxy, request, claims, found, decision_id, why,
                                        forward_token=self.policy.providers[claims.provider].forward_token)
-                return replace(decision, rule=rule, monitored=True, trace=verdict.trace)
+                # Allowed, but counted and logged apart from real allows (code would_deny).
+                return replace(decision, code="would_deny", rule=rule, monitored=True, trace=verdict.trace)
             return Decision(False, 403, "forbidden", why, decision_id, proxy.name, rule, claims,
                             trace=verdict.trace)
 

@@ -51,6 +51,8 @@ class Decision:
     monitored: bool = False
     """``mode: monitor`` allowed what enforcement would have denied."""
     trace: tuple[RuleTrace, ...] = ()
+    policy: str = ""
+    """Digest of the policy that decided, so a log line can be tied to a reload."""
 
     @property
     def sub(self) -> str | None:

@@ -6,14 +6,17 @@ a deny rule and as not matched in an allow rule, so an error can only ever deny.
 
 Relationship conditions are the expensive ones, so they are evaluated last and
 lazily: only for rules whose cheap conditions all match, and only while the
-decision can still change (a matched deny makes every lookup moot; a matched
-allow makes pending allow lookups moot).
+decision can still change. A matched deny makes every lookup moot. Allow
+lookups run only when no allow has matched and the default would deny (with a
+default allow they cannot change the outcome). Deny lookups run only when the
+outcome would otherwise be allow (when nothing allows, a deny changes nothing).
+Each of the two steps hands all its conditions to the resolver at once, so a
+decision costs at most two round trips and the backend can batch them.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -48,11 +51,24 @@ class Verdict:
 
 
 class RelationshipResolver(Protocol):
-    """Answers a rule's relationship condition: True/False, or None when unresolved."""
+    """Answers rules' relationship conditions: True/False, or None when unresolved.
+
+    ``resolve_all`` receives every condition one evaluation step needs, so the
+    resolver can answer them in one round trip (OpenFGA BatchCheck) instead of one
+    call per rule; answers come back in the order asked.
+    """
 
     async def resolve(
         self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
     ) -> bool | None: ...
+
+    async def resolve_all(
+        self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
+    ) -> list[bool | None]: ...
+
+    async def aclose(self) -> None:
+        """Release connection pools and background work (the policy was replaced or the server stops)."""
+        ...
 
 
 class NoRelationships:
@@ -61,6 +77,14 @@ class NoRelationships:
     async def resolve(
         self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
     ) -> bool | None:
+        return None
+
+    async def resolve_all(
+        self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
+    ) -> list[bool | None]:
+        return [None] * len(pending)
+
+    async def aclose(self) -> None:
         return None
 
 
@@ -132,33 +156,40 @@ async def evaluate(
     if deny is not None:
         return _verdict(Effect.DENY, deny, trace, pending, "a deny rule already matched")
 
-    async def ask(rule: Rule, values: dict[str, str]) -> bool:
-        answer = await relationships.resolve(rule, values, request, claims)
-        condition = rule.fga or rule.authzen
-        assert condition is not None
-        if answer is None:
-            matched = rule.effect is Effect.DENY
-            note = "relationship unresolved -> counted as " + ("matched" if matched else "not matched")
-        else:
-            matched = _presence(answer, condition.presence)
-            note = f"relationship {'exists' if answer else 'does not exist'} ({condition.presence.value})"
-        _settle(trace, rule, Outcome.MATCHED if matched else Outcome.NOT_MATCHED, note)
-        return matched
+    async def ask(step: list[tuple[Rule, dict[str, str]]]) -> Rule | None:
+        """Resolve one step's conditions together; the first matched rule in priority order."""
+        answers = await relationships.resolve_all(step, request, claims)
+        first: Rule | None = None
+        for (rule, _), answer in zip(step, answers, strict=True):
+            condition = rule.fga or rule.authzen
+            assert condition is not None
+            if answer is None:
+                matched = rule.effect is Effect.DENY
+                note = "relationship unresolved -> counted as " + ("matched" if matched else "not matched")
+            else:
+                matched = _presence(answer, condition.presence)
+                note = f"relationship {'exists' if answer else 'does not exist'} ({condition.presence.value})"
+            _settle(trace, rule, Outcome.MATCHED if matched else Outcome.NOT_MATCHED, note)
+            if matched and first is None:
+                first = rule
+        return first
 
+    allows = [(r, v) for r, v in pending if r.effect is Effect.ALLOW]
     denies = [(r, v) for r, v in pending if r.effect is Effect.DENY]
+    # Step 1: allow lookups matter only when nothing allowed yet and the default denies.
+    if allow is None and proxy.default_effect is Effect.DENY:
+        if allows:
+            allow = await ask(allows)
+        if allow is None:
+            return _verdict(Effect.DENY, None, trace, pending, "nothing allows, so the default denies anyway")
+    # Step 2: the outcome is allow now, unless a deny rule matches.
     if denies:
-        results = await asyncio.gather(*(ask(r, v) for r, v in denies))
-        for (rule, _), matched in zip(denies, results, strict=True):
-            if matched:
-                return _verdict(Effect.DENY, rule, trace, pending, "a deny rule matched")
-    if allow is None:
-        for rule, values in pending:
-            if rule.effect is Effect.ALLOW and await ask(rule, values):
-                allow = rule
-                break
+        denied = await ask(denies)
+        if denied is not None:
+            return _verdict(Effect.DENY, denied, trace, pending, "a deny rule matched")
     if allow is not None:
         return _verdict(Effect.ALLOW, allow, trace, pending, "an allow rule already matched")
-    return _verdict(proxy.default_effect, None, trace, pending, "")
+    return _verdict(proxy.default_effect, None, trace, pending, "the default allows anyway")
 
 
 def _settle(trace: list[RuleTrace], rule: Rule, outcome: Outcome, note: str) -> None:

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
 from extauthz.core.decision import Decision
 from extauthz.core.request import HttpRequest
+from extauthz.observability.tracing import trace_fields
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of writing, not at configuration.
+
+    The CLI tools configure logging in-process; a stream captured then (by a test
+    runner, or a caller redirecting stderr) may be closed by the time a later log
+    line is written.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(fmt: str = "json", level: str = "info") -> None:
@@ -26,7 +42,7 @@ def configure(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
 
@@ -35,22 +51,33 @@ decisions = structlog.get_logger("extauthz.decision")
 
 
 def log_decision(decision: Decision, request: HttpRequest, latency_us: int, **extra: Any) -> None:
+    """One line per Check.
+
+    ``result`` is what Envoy was told. A ``mode: monitor`` proxy that let through
+    what enforcement would have denied says so with ``monitored: true`` and
+    ``would_deny: true`` (and ``code: would_deny``), so a rollout can be judged by
+    grepping for them. ``policy`` is the digest that decided (hot reload), and
+    ``trace_id``/``span_id`` come from a W3C ``traceparent`` header when present.
+    """
     rule = decision.rule
+    monitor: dict[str, Any] = {"monitored": True, "would_deny": True} if decision.monitored else {}
     decisions.info(
         "decision",
         decision_id=decision.decision_id,
         request_id=request.request_id,
+        **trace_fields(request.headers),
         proxy=decision.proxy,
         method=request.method,
         path=request.path,
         sub=decision.sub,
         result="allow" if decision.allowed else "deny",
+        **monitor,
         status=decision.status,
         code=decision.code,
         reason=decision.reason,
         rule_index=rule.index if rule else None,
         rule_notes=rule.notes if rule else None,
-        monitored=decision.monitored or None,
+        policy=decision.policy or None,
         latency_us=latency_us,
         **extra,
     )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -30,3 +35,91 @@ policy_info = Gauge(
 def record_jwks_fetch(provider: str, ok: bool) -> None:
     jwks_fetches.labels(provider, "ok" if ok else "error").inc()
 reloads = Counter("extauthz_policy_reloads", "Policy reload attempts.", ["result"], registry=REGISTRY)
+
+# --- relationship backends (OpenFGA, AuthZEN) and their cache ---------------
+# Labels name the backend as the policy does, never a user, object or path.
+relationship_calls = Counter(
+    "extauthz_relationship_backend_calls",
+    "HTTP calls to relationship backends (each attempt, a retry counts again).",
+    ["backend", "api", "result", "cause"], registry=REGISTRY,
+)
+relationship_call_latency = Histogram(
+    "extauthz_relationship_backend_call_duration_seconds", "Time of one relationship backend HTTP call.",
+    ["backend"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+relationship_unresolved = Counter(
+    "extauthz_relationship_unresolved",
+    "Relationship conditions left unresolved (fail closed), by backend and cause.",
+    ["backend", "cause"], registry=REGISTRY,
+)
+relationship_cache = Counter(
+    "extauthz_relationship_cache_lookups",
+    "Relationship answer cache lookups: tier memory|redis, result hit|miss|shared|bypass|error.",
+    ["tier", "result"], registry=REGISTRY,
+)
+
+# --- operations: reloads, key freshness, readiness (read at scrape time) ------
+policy_rejected = Gauge(
+    "extauthz_policy_file_rejected",
+    "1 while the policy file on disk was rejected and an older policy keeps serving; alert on it.",
+    registry=REGISTRY,
+)
+
+
+class _LiveState(Collector):
+    """Gauges computed when Prometheus scrapes, from whatever runtime is serving now.
+
+    A reload replaces the verifier and its key sets, so key ages cannot live in
+    ordinary labelled gauges without leaving stale providers behind; the server
+    installs :attr:`source` once and every scrape asks it afresh.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[bool, Mapping[str, float | None]]] = lambda: (False, {})
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("extauthz_ready", "1 when every provider has signing keys loaded.")
+        yield GaugeMetricFamily("extauthz_jwks_key_age_seconds", "Seconds since a provider's keys were loaded.",
+                                labels=["provider"])
+
+    def collect(self) -> Iterator[Metric]:
+        ready, ages = self.source()
+        yield GaugeMetricFamily("extauthz_ready", "1 when every provider has signing keys loaded.",
+                                value=1.0 if ready else 0.0)
+        family = GaugeMetricFamily("extauthz_jwks_key_age_seconds",
+                                   "Seconds since a provider's keys were loaded.", labels=["provider"])
+        for provider, age in sorted(ages.items()):
+            if age is not None:
+                family.add_metric([provider], age)
+        yield family
+
+
+live_state = _LiveState()
+REGISTRY.register(live_state)
+tls_not_after = Gauge(
+    "extauthz_tls_certificate_expiry_timestamp_seconds",
+    "Expiry (Unix time) of the gRPC listener's serving certificate; alert well before it.",
+    registry=REGISTRY,
+)
+tls_reloads = Counter(
+    "extauthz_tls_reloads", "Listener certificate rotations picked up from disk.", ["result"], registry=REGISTRY
+)
+
+# --- response filtering (ext_proc) -----------------------------------------------
+extproc_latency = Histogram(
+    "extauthz_extproc_message_duration_seconds",
+    "Time to answer one ext_proc message, by phase (response_headers, response_body).",
+    ["phase"], buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+filtered_bytes = Counter(
+    "extauthz_filtered_bytes",
+    "Body bytes of filtered responses: side=upstream (after content decoding) or client (after filtering).",
+    ["proxy", "side"], registry=REGISTRY,
+)
+filter_outcomes = Counter(
+    "extauthz_response_filter_outcomes",
+    "Responses seen by the response filter: passed, filtered, blocked (502, with a code) or body_not_received "
+    "(Envoy never sent a body it was asked for); proxy is empty when the identity is unknown.",
+    ["proxy", "outcome", "code"], registry=REGISTRY,
+)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -399,9 +400,15 @@ def _rule(ctx: _Ctx, path: str, line: int, value: object, index: int, policy: _P
 
         def tuple_template(tp: str, tl: int, tv: object) -> TupleTemplate:
             t = _Obj(ctx, tv, tp, tl, {"user", "relation", "object", "condition"})
-            cond = t.optional("condition", LDict)
+            cond = t.obj("condition", {"name", "context"})
+            condition = None
+            if cond is not None:
+                condition = {"name": cond.get("name", str, required=True)}
+                if cond.has("context"):
+                    condition["context"] = _context(ctx, cond, "context", names)
             return TupleTemplate(
-                tmpl(t, "user"), tmpl(t, "relation"), tmpl(t, "object"), _freeze(cond) if cond is not None else None
+                tmpl(t, "user"), tmpl(t, "relation"), tmpl(t, "object"),
+                _freeze(condition) if condition is not None else None,
             )
 
         fga = FgaCondition(
@@ -410,7 +417,7 @@ def _rule(ctx: _Ctx, path: str, line: int, value: object, index: int, policy: _P
             obj=tmpl(f, "object"),
             backend=backend,
             contextual_tuples=tuple(_each(ctx, f, "contextualTuples", tuple_template)),
-            context=_freeze(f.get("context", LDict, LDict())),
+            context=_context(ctx, f, "context", names),
             consistency=f.enum("consistency", Consistency, Consistency.UNSPECIFIED),
             presence=_presence(f),
         )
@@ -432,6 +439,24 @@ def _rule(ctx: _Ctx, path: str, line: int, value: object, index: int, policy: _P
         priority=r.get("priority", int, 100),
         notes=r.get("notes", str, ""),
     )
+
+
+def _context(ctx: _Ctx, obj: _Obj, key: str, names: set[str]) -> Any:
+    """A condition ``context`` object, frozen; ``{{var}}`` in its strings must name declared variables."""
+    value = obj.get(key, LDict, LDict())
+
+    def check(item: object, path: str) -> None:
+        if isinstance(item, str):
+            _check_variables(ctx, Template.parse(item).variables, path, obj.line_of(key), names)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                check(v, f"{path}.{k}")
+        elif isinstance(item, list):
+            for i, v in enumerate(item):
+                check(v, f"{path}[{i}]")
+
+    check(value, obj.sub(key))
+    return _freeze(value)
 
 
 def _freeze(value: object) -> Any:
@@ -743,7 +768,8 @@ def _file(ctx: _Ctx, obj: _Obj, key: str) -> str:
 
 
 _AUTH_FIELDS = {"tokenFile", "clientId", "clientSecretFile", "tokenUrl", "audience"}
-_ROUTE_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# OpenAPI allows any name in a path template parameter ({todo-id} included), except braces and slashes.
+_ROUTE_PARAM = re.compile(r"\{([^{}/]+)\}")
 
 
 def route_template(template: str, methods: frozenset[str] | None = None) -> RouteTemplate:
@@ -789,10 +815,10 @@ def _relationships(
         o = _Obj(ctx, value, path, line, {"name", "url", "storeId", "authorizationModelId", "timeoutMs", "auth"})
         return OpenFgaBackend(
             name=o.get("name", str, "openfga"),
-            url=o.get("url", str, required=True).rstrip("/"),
-            store_id=o.get("storeId", str, required=True),
-            authorization_model_id=o.get("authorizationModelId", str, required=True),
-            timeout_ms=o.positive("timeoutMs", int, 150),
+            url=_backend_url(o, "url", ("http", "https")),
+            store_id=_ulid(o, "storeId"),
+            authorization_model_id=_ulid(o, "authorizationModelId"),
+            timeout_ms=_backend_timeout(o),
             auth=_backend_auth(ctx, o.obj("auth", _AUTH_FIELDS)),
         )
 
@@ -810,26 +836,75 @@ def _relationships(
             o.error("routes", "an AuthZEN backend needs route templates (routes or openapi)")
         return AuthzenBackend(
             name=o.get("name", str, "authzen"),
-            url=o.get("url", str, required=True).rstrip("/"),
+            url=_backend_url(o, "url", ("http", "https")),
             routes=tuple(routes),
-            timeout_ms=o.positive("timeoutMs", int, 150),
+            timeout_ms=_backend_timeout(o),
             auth=_backend_auth(ctx, o.obj("auth", _AUTH_FIELDS)),
         )
 
     fgas = _each(ctx, rel, "openfga", fga)
     authzens = _each(ctx, rel, "authzen", authzen)
+    for kind, backends in (("openfga", fgas), ("authzen", authzens)):
+        names = [b.name for b in backends]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            rel.error(kind, f"backend name {name!r} is used twice (name each backend)")
     cache = RelationshipCache()
     c = rel.obj("cache", {"allowedTtlSeconds", "deniedTtlSeconds", "maxEntries", "redis"})
     if c is not None:
         redis = c.obj("redis", {"url", "timeoutMs"})
+        redis_timeout = redis.positive("timeoutMs", int, 20) if redis else 20
+        if redis is not None and redis_timeout > MAX_REDIS_TIMEOUT_MS:
+            redis.error("timeoutMs", f"must be at most {MAX_REDIS_TIMEOUT_MS} (a shared cache lookup that is "
+                        f"slower than the backend defeats the cache), found {redis_timeout}")
         cache = RelationshipCache(
-            allowed_ttl_seconds=c.get("allowedTtlSeconds", float, 10.0),
-            denied_ttl_seconds=c.get("deniedTtlSeconds", float, 5.0),
+            allowed_ttl_seconds=_ttl(c, "allowedTtlSeconds", 10.0),
+            denied_ttl_seconds=_ttl(c, "deniedTtlSeconds", 5.0),
             max_entries=c.positive("maxEntries", int, 100_000),
-            redis_url=redis.get("url", str, required=True) if redis else "",
-            redis_timeout_ms=redis.positive("timeoutMs", int, 20) if redis else 20,
+            redis_url=_backend_url(redis, "url", ("redis", "rediss", "unix")) if redis else "",
+            redis_timeout_ms=redis_timeout,
         )
     return ({b.name: b for b in fgas}, {b.name: b for b in authzens}, cache)
+
+
+# Envoy's ext_authz timeout in the shipped config is 1 s and a decision may need two
+# lookup rounds (allow rules, then deny rules), so one backend's budget must fit twice.
+MAX_BACKEND_TIMEOUT_MS = 500
+MAX_REDIS_TIMEOUT_MS = 200
+_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+
+
+def _backend_url(o: _Obj, key: str, schemes: tuple[str, ...]) -> str:
+    raw = o.get(key, str, required=True)
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix") or parts.fragment:
+        o.error(key, f"must be an absolute {'/'.join(schemes)} URL, found {raw!r}")
+    elif parts.scheme in ("http", "https") and parts.query:
+        o.error(key, f"must not carry a query string, found {raw!r}")
+    return raw.rstrip("/")
+
+
+def _ulid(o: _Obj, key: str) -> str:
+    """OpenFGA store and model ids are ULIDs; a typo is caught at load, not as a 400 per request."""
+    value = o.get(key, str, required=True)
+    if not _ULID.fullmatch(value):
+        o.error(key, f"must be a ULID (26 characters, Crockford base32, upper case), found {value!r}")
+    return value
+
+
+def _backend_timeout(o: _Obj) -> int:
+    value = o.positive("timeoutMs", int, 150)
+    if value > MAX_BACKEND_TIMEOUT_MS:
+        o.error("timeoutMs", f"must be at most {MAX_BACKEND_TIMEOUT_MS}: a lookup has to finish well inside "
+                "Envoy's ext_authz timeout (1 s), twice over (allow rules, then deny rules), "
+                f"found {value}")
+    return value
+
+
+def _ttl(o: _Obj, key: str, default: float) -> float:
+    value = o.get(key, float, default)
+    if value < 0:
+        o.error(key, f"must be zero (do not cache) or more, found {value}")
+    return value
 
 
 def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:

@@ -1,13 +1,39 @@
-"""Relationship backends (OpenFGA, AuthZEN) behind the core's RelationshipResolver."""
+"""Relationship backends (OpenFGA, AuthZEN) behind the core's RelationshipResolver.
+
+``build_resolver`` is called once per loaded policy (and again on every reload):
+everything a request needs (compiled templates, route tables, connection pools,
+caches) is built here, and closed with the runtime that owns it.
+"""
 
 from __future__ import annotations
 
+import aiohttp
 import httpx
 
 from extauthz.core.rules import NoRelationships, RelationshipResolver
 from extauthz.policy.model import Policy
+from extauthz.relationships.redis_cache import RedisCache
+from extauthz.relationships.resolver import Relationships
+
+POOL_SIZE = 64
+"""Keep-alive connections per backend host; beyond it, checks queue for a free connection."""
 
 
-def build_resolver(policy: Policy, http: httpx.AsyncClient) -> RelationshipResolver:
-    """The resolver for a policy's backends; with none configured, conditions stay unresolved."""
-    return NoRelationships()
+def build_resolver(policy: Policy, http: httpx.AsyncClient | None = None) -> RelationshipResolver:
+    """The resolver for a policy's backends; with none configured, conditions stay unresolved.
+
+    ``http`` (the sidecar's shared httpx client, used for JWKS) is not used on this
+    path: relationship calls go through their own aiohttp pool, which measured
+    about 5x less CPU per call (docs/relationships.md). Must run in the event loop.
+    """
+    if not policy.openfga and not policy.authzen:
+        return NoRelationships()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=POOL_SIZE, keepalive_timeout=30),
+        raise_for_status=False,
+        skip_auto_headers=("User-Agent",),
+        headers={"user-agent": "extauthz"},
+    )
+    settings = policy.relationship_cache
+    shared = RedisCache(settings.redis_url, settings.redis_timeout_ms) if settings.redis_url else None
+    return Relationships(policy, session, shared=shared)

@@ -1,4 +1,8 @@
-"""Assemble and run the gRPC server: ext_authz, gRPC health, graceful drain on SIGTERM."""
+"""Assemble and run the gRPC server: ext_authz, gRPC health, graceful drain on SIGTERM.
+
+Around it: the policy watcher (hot reload), the metrics/health HTTP port, the
+optional TLS/mTLS listener credentials and the optional loopback admin service.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +13,71 @@ from pathlib import Path
 import grpc
 import structlog
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from extauthz.observability import metrics
+from extauthz.observability.http import ObservabilityServer
 from extauthz.server.authorization import AuthorizationServicer
+from extauthz.server.processing import ExternalProcessorServicer
+from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
 from extauthz.server.runtime import Sidecar
+from extauthz.server.tls import CertificateReloader, server_credentials
+from extauthz.server.validation import parse_address, parse_admin_address
 
 log = structlog.get_logger("extauthz.server")
 
-SERVICES = ("envoy.service.auth.v3.Authorization",)
+SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
 class Server:
-    def __init__(self, sidecar: Sidecar, address: str) -> None:
+    def __init__(self, sidecar: Sidecar, address: str, admin_address: str = "") -> None:
         self.sidecar = sidecar
         self.address = address
+        parse_address(address)  # a clear error before gRPC's own
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(sidecar.authorizer), self.grpc
         )
+        # Response filtering; the policy is read per stream so a reload applies to the next response.
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(lambda: sidecar.runtime.policy), self.grpc
+        )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        self.port = self.grpc.add_insecure_port(address)
+        tls = sidecar.runtime.policy.server.tls
+        self.certificates: CertificateReloader | None = None
+        if tls is not None:
+            credentials, self.certificates = server_credentials(tls)
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        self.admin: grpc.aio.Server | None = None
+        if admin_address:
+            parse_admin_address(admin_address)
+            from extauthz.admin.service import add_admin_service
+
+            self.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            add_admin_service(self.admin, sidecar)
+            if self.admin.add_insecure_port(admin_address) == 0:
+                raise OSError(f"cannot listen on {admin_address} (admin)")
+        self.admin_address = admin_address
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.admin is not None:
+            await self.admin.start()
+            log.info("admin_listening", address=self.admin_address)
         self._watch = asyncio.create_task(self._track_readiness())
-        log.info("listening", address=self.address, port=self.port, policy=self.sidecar.runtime.policy.digest)
+        tls = self.sidecar.runtime.policy.server.tls
+        log.info("listening", address=self.address, port=self.port, policy=self.sidecar.runtime.policy.digest,
+                 tls="off" if tls is None else ("mtls" if tls.client_ca_file else "tls"))
 
     async def _track_readiness(self) -> None:
         """NOT_SERVING until signing keys are loaded, so Envoy/K8s hold traffic back."""
@@ -62,19 +99,63 @@ class Server:
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.admin is not None:
+            await self.admin.stop(0)
         await self.grpc.stop(grace)
         await self.sidecar.close()
 
 
-async def serve(config: Path, address: str | None = None) -> None:
+async def serve(
+    config: Path,
+    address: str | None = None,
+    metrics_address: str | None = None,
+    admin_address: str | None = None,
+    watch_interval: float = DEFAULT_INTERVAL_SECONDS,
+) -> None:
+    """Run until SIGTERM/SIGINT; command-line addresses override the policy's ``server`` block.
+
+    SIGHUP reloads the policy at once (outside Kubernetes, after an edit); the
+    watcher does the same by itself within ``watch_interval`` (0 turns it off).
+    """
     sidecar = await Sidecar.start(config)
-    server = Server(sidecar, address or sidecar.runtime.policy.server.grpc_address)
-    await server.start()
+    settings = sidecar.runtime.policy.server
+    http_address = metrics_address if metrics_address is not None else settings.metrics_address
+    try:
+        server = Server(sidecar, address or settings.grpc_address,
+                        admin_address if admin_address is not None else settings.admin_address)
+        http: ObservabilityServer | None = None
+        metrics.live_state.source = lambda: (sidecar.runtime.ready, sidecar.runtime.key_ages())
+        if http_address:
+            listen = parse_address(http_address, unix=False)
+            http = ObservabilityServer(listen.host, listen.port, metrics.REGISTRY, sidecar.readiness)
+            await http.start()
+        await server.start()
+    except BaseException:
+        await sidecar.close()
+        raise
+    watcher = None
+    if watch_interval > 0:
+        watcher = PolicyWatcher(config, sidecar.reload, lambda: sidecar.runtime.policy.digest, watch_interval)
+        watcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pending: set[asyncio.Task[object]] = set()
+
+    def reload_now() -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(sidecar.reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now)
     await stop.wait()
     grace = sidecar.runtime.policy.server.drain_seconds
     log.info("draining", grace_seconds=grace)
+    if watcher is not None:
+        await watcher.stop()
+    if http is not None:
+        http.draining = True
     await server.stop(grace)
+    if http is not None:
+        await http.stop()

@@ -7,19 +7,68 @@ reload never mixes two policies within one decision.
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
 import structlog
 
 from extauthz.core.authorizer import Authorizer
+from extauthz.core.claims import Claims
 from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.observability import metrics
 from extauthz.policy.errors import PolicyError
-from extauthz.policy.loader import load_policy
 from extauthz.policy.model import Policy
+from extauthz.server.validation import load_for_serving
 
 log = structlog.get_logger("extauthz.runtime")
+
+_CACHE_HIT = metrics.token_cache.labels("hit")
+_CACHE_MISS = metrics.token_cache.labels("miss")
+
+
+class MeteredTokenCache(TokenCache):
+    """The verified-token cache, counting hits and misses for Prometheus."""
+
+    def get(self, key: bytes) -> Claims | None:
+        claims = super().get(key)
+        (_CACHE_HIT if claims is not None else _CACHE_MISS).inc()
+        return claims
+
+
+class ReloadOutcome(StrEnum):
+    RELOADED = "reloaded"
+    UNCHANGED = "unchanged"
+    INVALID = "invalid"
+    """The new file is broken: retrying before it changes again is pointless."""
+    UNAVAILABLE = "unavailable"
+    """The new policy is valid but its signing keys could not be loaded: worth retrying."""
+
+    @property
+    def ok(self) -> bool:
+        return self in (ReloadOutcome.RELOADED, ReloadOutcome.UNCHANGED)
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """The last reload attempt that changed something or failed, for /readyz and the admin service."""
+
+    outcome: ReloadOutcome
+    at: str
+    digest: str
+    errors: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"result": self.outcome.value, "at": self.at, "digest": self.digest or None,
+                "errors": list(self.errors)}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Runtime:
@@ -30,7 +79,7 @@ class Runtime:
 
     @classmethod
     async def build(cls, policy: Policy, http: httpx.AsyncClient) -> Runtime:
-        cache = TokenCache(policy.server.token_cache_size, policy.server.token_cache_ttl_seconds)
+        cache = MeteredTokenCache(policy.server.token_cache_size, policy.server.token_cache_ttl_seconds)
         verifier = Verifier(policy.providers, http, cache, metrics.record_jwks_fetch)
         await verifier.start()
         from extauthz.relationships import build_resolver
@@ -41,8 +90,17 @@ class Runtime:
     def ready(self) -> bool:
         return self.verifier.ready
 
+    def key_ages(self) -> dict[str, float | None]:
+        return {name: keyset.age_seconds for name, keyset in self.verifier.keysets.items()}
+
+    def unready_providers(self) -> list[str]:
+        return [f"provider {name}: no signing keys ({keyset.last_error or 'not loaded'})"
+                for name, keyset in self.verifier.keysets.items() if not keyset.ready]
+
     async def close(self) -> None:
         await self.verifier.close()
+        # Relationship backends' connection pools, Redis client and background lookups.
+        await self.authorizer.relationships.aclose()
 
 
 class Sidecar:
@@ -53,10 +111,12 @@ class Sidecar:
         self.http = http
         self.runtime = runtime
         self._reload_lock = asyncio.Lock()
+        self.loaded_at = _now()
+        self.last_reload: ReloadReport | None = None
 
     @classmethod
     async def start(cls, path: Path) -> Sidecar:
-        policy = load_policy(path)
+        policy = load_for_serving(path)
         http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
         sidecar = cls(path, http, await Runtime.build(policy, http))
         metrics.policy_info.labels(policy.digest).set(1)
@@ -66,27 +126,76 @@ class Sidecar:
     def authorizer(self) -> Authorizer:
         return self.runtime.authorizer
 
-    async def reload(self) -> bool:
-        """Load, validate and swap; a broken policy keeps the running one."""
+    async def reload(self) -> ReloadOutcome:
+        """Load, validate fully, build, swap; anything short of a serving runtime keeps the running one.
+
+        "Fully" means: the loader's checks, the server's checks (addresses, TLS
+        files, key sources) and the new verifier's keys actually loaded. A valid
+        policy whose IdP is unreachable would turn a serving sidecar into one that
+        answers 503, so it is refused as ``UNAVAILABLE`` and retried by the watcher.
+        """
         async with self._reload_lock:
             try:
-                policy = await asyncio.to_thread(load_policy, self.path)
+                policy = await asyncio.to_thread(load_for_serving, self.path)
             except PolicyError as exc:
-                metrics.reloads.labels("error").inc()
-                log.error("policy_reload_failed", file=str(self.path), errors=[str(i) for i in exc.issues],
-                          keeping_digest=self.runtime.policy.digest)
-                return False
+                return self._refused(ReloadOutcome.INVALID, "", [str(i) for i in exc.issues])
             if policy.digest == self.runtime.policy.digest:
-                return True
-            fresh = await Runtime.build(policy, self.http)
+                metrics.policy_rejected.set(0)
+                return ReloadOutcome.UNCHANGED
+            started = time.perf_counter()
+            try:
+                fresh = await Runtime.build(policy, self.http)
+            except Exception as exc:  # noqa: BLE001 - a policy that cannot be built must not take the old one down
+                error = f"{self.path}: {type(exc).__name__}: {exc}"
+                return self._refused(ReloadOutcome.INVALID, policy.digest, [error])
+            if not fresh.ready:
+                errors = fresh.unready_providers()
+                await fresh.close()
+                return self._refused(ReloadOutcome.UNAVAILABLE, policy.digest, errors)
             old, self.runtime = self.runtime, fresh
+            self.loaded_at = _now()
+            self.last_reload = ReloadReport(ReloadOutcome.RELOADED, self.loaded_at, policy.digest)
             metrics.policy_info.clear()
             metrics.policy_info.labels(policy.digest).set(1)
+            metrics.policy_rejected.set(0)
             metrics.reloads.labels("ok").inc()
-            log.info("policy_reloaded", file=str(self.path), digest=policy.digest, previous=old.policy.digest)
+            log.info("policy_reloaded", file=str(self.path), digest=policy.digest, previous=old.policy.digest,
+                     build_ms=round((time.perf_counter() - started) * 1000, 1))
+            if policy.server != old.policy.server:
+                log.warning("server_settings_need_restart", file=str(self.path),
+                            detail="listen addresses, TLS file paths, token cache and drain settings "
+                                   "apply at start; the new rules and providers are live")
             # In-flight requests hold the old runtime; close it once they are done.
-            asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(old.close()))
-            return True
+            grace = max(30.0, policy.server.drain_seconds)
+            asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(old.close()))
+            return ReloadOutcome.RELOADED
+
+    def _refused(self, outcome: ReloadOutcome, digest: str, errors: list[str]) -> ReloadOutcome:
+        self.last_reload = ReloadReport(outcome, _now(), digest, tuple(errors))
+        metrics.reloads.labels(outcome.value).inc()
+        metrics.policy_rejected.set(1)
+        log.error("policy_reload_failed", file=str(self.path), result=outcome.value, errors=errors,
+                  rejected_digest=digest or None, keeping_digest=self.runtime.policy.digest)
+        return outcome
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: ready once every provider has keys; the body names the policy that serves."""
+        runtime = self.runtime
+        providers = {
+            name: {
+                "ready": keyset.ready,
+                "keyAgeSeconds": None if keyset.age_seconds is None else round(keyset.age_seconds, 1),
+                "lastError": keyset.last_error or None,
+            }
+            for name, keyset in runtime.verifier.keysets.items()
+        }
+        body = {
+            "ready": runtime.ready,
+            "policy": {"digest": runtime.policy.digest, "file": str(self.path), "loadedAt": self.loaded_at},
+            "providers": providers,
+            "lastReload": self.last_reload.as_json() if self.last_reload else None,
+        }
+        return runtime.ready, body
 
     async def close(self) -> None:
         await self.runtime.close()

@@ -1,0 +1,1 @@
+"""The sidecar's loopback admin service (``extauthz.v1.Admin``): live ``explain`` and status."""

@@ -1,0 +1,1 @@
+"""Generated from proto/extauthz/v1/admin.proto by ``python -m extauthz.admin.generate``."""

@@ -1,0 +1,47 @@
+"""What every relationship backend answers: a boolean, or a :class:`Failure` naming why not.
+
+A failure is never an exception on the hot path: the resolver turns it into an
+unresolved condition (fail closed, POLICY §2), one log line and one metric
+labelled with the backend and the cause, and it is never cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Causes, as they appear in logs and in the ``cause`` metric label (a closed set,
+# so label cardinality stays bounded).
+TIMEOUT = "timeout"
+CONNECT = "connect"
+STATUS_5XX = "status_5xx"
+STATUS_4XX = "status_4xx"
+THROTTLED = "throttled"
+MALFORMED = "malformed"
+AUTH = "auth"
+ITEM_ERROR = "item_error"
+INVALID_VALUE = "invalid_value"
+UNRESOLVED_VARIABLE = "unresolved_variable"
+NO_ROUTE = "no_route"
+NO_SUBJECT = "no_subject"
+NO_BACKEND = "no_backend"
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a backend gave no usable answer; ``detail`` is for the log line only (no secrets)."""
+
+    cause: str
+    detail: str = ""
+
+
+Answer = bool | Failure
+"""True (the relationship exists / the PDP allows), False, or why there is no answer."""
+
+
+class Unresolvable(Exception):
+    """A question that cannot even be asked (a missing or invalid value); carries the failure."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = Failure(cause, detail)

@@ -1,0 +1,268 @@
+"""The ext_proc adapter: Envoy's ProcessingRequest stream in, ProcessingResponses out.
+
+Thin like the ext_authz adapter: protobufs become a plain
+:class:`~extauthz.filtering.scope.ResponseHead` and bytes, the pure modules in
+:mod:`extauthz.filtering` decide and filter, and the outcome becomes protobufs.
+
+Envoy opens one stream per HTTP exchange at the response headers (request
+headers are skipped in ``envoy/envoy.yaml``). For a response no filter applies
+to, the headers answer carries no mode override, so Envoy streams the body
+without buffering it. For one a filter applies to, the answer asks Envoy
+to hold the headers and send the whole body:
+
+* BUFFERED when the upstream declared a ``content-length`` (already checked
+  against the limit, so it fits). The body answer replaces the body and sets
+  the new ``content-length`` in the same message; Envoy checks that the two
+  agree.
+* BUFFERED_PARTIAL for a chunked body of unknown size. Envoy sends it whole,
+  or, when it outgrows Envoy's buffer, only the first part with
+  ``end_of_stream`` false, which is answered with a 502 (in plain BUFFERED mode
+  Envoy would answer a text/plain 500 itself). In this mode Envoy 1.40 rejects
+  a ``content-length`` in the body answer, so the response stays chunked.
+
+Every failure, including an exception in this module, becomes a 502 with a
+JSON error (an ImmediateResponse), so the upstream's bytes are never passed on
+unfiltered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import orjson
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+
+from extauthz.core.authorizer import METADATA_NAMESPACE
+from extauthz.filtering.codec import Unfilterable
+from extauthz.filtering.pipeline import filter_body
+from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Caller, Plan, ResponseHead, plan
+from extauthz.observability import metrics
+from extauthz.policy.model import Policy
+
+log = structlog.get_logger("extauthz.extproc")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+BUFFER_SIZED_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED
+)
+BUFFER_CHUNKED_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+)
+# Bodies above this are filtered on a worker thread so Checks keep flowing meanwhile.
+_OFFLOAD_BYTES = 64 * 1024
+
+# Safe for any caller to read: a stable code, a fixed sentence, the decision id.
+_MESSAGES = {
+    "not_json": "the response could not be filtered for this caller (not JSON)",
+    "unsupported_encoding": "the response could not be filtered for this caller (unsupported content-encoding)",
+    "bad_encoding": "the response could not be filtered for this caller (undecodable content-encoding)",
+    "too_large": "the response is too large to be filtered for this caller",
+    "invalid_json": "the response could not be filtered for this caller (invalid JSON)",
+    "no_identity": "the response could not be filtered: no verified identity",
+    "filter_error": "the response could not be filtered for this caller",
+}
+
+
+def _header_map(headers: Any) -> dict[str, str]:
+    """Lower-case name -> value; repeated lines are joined as an HTTP list (two content-encoding
+    lines must both be seen). Envoy puts values in ``raw_value`` (bytes) in recent versions."""
+    out: dict[str, str] = {}
+    for header in headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        name = header.key.lower()
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
+    if ATTRIBUTES_NAMESPACE not in message.attributes:
+        return {}
+    return dict(json_format.MessageToDict(message.attributes[ATTRIBUTES_NAMESPACE]))
+
+
+def _caller(message: pb.ProcessingRequest) -> Caller | None:
+    namespaces = message.metadata_context.filter_metadata
+    if METADATA_NAMESPACE not in namespaces:
+        return None
+    struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
+    return Caller.from_metadata(json_format.MessageToDict(struct))
+
+
+def to_head(message: pb.ProcessingRequest) -> ResponseHead:
+    """The response as Envoy describes it: status and headers, plus request attributes Envoy supplies."""
+    headers = _header_map(message.response_headers.headers)
+    attributes = _attributes(message)
+    target = str(attributes.get("request.path") or "")
+    details = attributes.get("response.code_details")
+    return ResponseHead(
+        method=str(attributes.get("request.method") or "").upper(),
+        path=target.split("?", 1)[0],
+        status=int(headers.get(":status", "0") or 0),
+        headers=headers,
+        host=str(attributes.get("request.host") or ""),
+        end_of_stream=message.response_headers.end_of_stream,
+        # Absent details mean a misconfigured Envoy: treat the response as upstream data (fail closed).
+        from_upstream=details is None or details == "via_upstream",
+    )
+
+
+def _set(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # ext_proc reads raw_value; OVERWRITE replaces the upstream's value instead of adding a second one.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=OVERWRITE
+    )
+
+
+# A filtered response is one caller's view: no shared cache may hand it to another caller.
+_PRIVATE = _set("cache-control", "private, no-store")
+
+
+def blocked(code: str, decision_id: str) -> pb.ProcessingResponse:
+    """A 502 with a small JSON body in place of the whole upstream response."""
+    body = orjson.dumps({
+        "error": code,
+        "message": _MESSAGES.get(code, _MESSAGES["filter_error"]),
+        "decisionId": decision_id or str(uuid.uuid4()),
+    })
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=http_status_pb2.BadGateway),
+            headers=pb.HeaderMutation(set_headers=[
+                _set("content-type", "application/json"),
+                _set("cache-control", "no-store"),
+            ]),
+            body=body,
+            details=f"extauthz_response_blocked_{code}",
+        )
+    )
+
+
+def _continue(phase: str) -> pb.ProcessingResponse:
+    """The empty answer for a phase we do not change."""
+    if phase == "response_body":
+        return pb.ProcessingResponse(response_body=pb.BodyResponse())
+    if phase in ("request_headers", "response_headers"):
+        return pb.ProcessingResponse(**{phase: pb.HeadersResponse()})
+    if phase == "request_body":
+        return pb.ProcessingResponse(request_body=pb.BodyResponse())
+    return pb.ProcessingResponse(**{phase: pb.TrailersResponse()})
+
+
+class _Exchange:
+    """The state of one stream (one HTTP exchange): the plan made on the response headers."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.plan = Plan(Action.PASS)
+        self.body_seen = False
+
+    async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        phase = message.WhichOneof("request") or ""
+        if phase == "response_headers":
+            return self._on_headers(message)
+        if phase == "response_body" and self.plan.action is Action.BUFFER:
+            self.body_seen = True
+            return await self._on_body(message.response_body)
+        return _continue(phase)
+
+    def _on_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        self.plan = plan(self.policy, _caller(message), to_head(message))
+        action = self.plan.action
+        if action is Action.BUFFER:
+            mode = BUFFER_CHUNKED_BODY if self.plan.declared_length is None else BUFFER_SIZED_BODY
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=mode)
+        if action is Action.BLOCK:
+            self._record_block(self.plan.code, self.plan.detail, 0)
+            return blocked(self.plan.code, self.plan.decision_id)
+        if action is Action.STRIP_LENGTH:
+            metrics.filter_outcomes.labels(self.plan.proxy, "filtered", "").inc()
+            mutation = pb.HeaderMutation(set_headers=[_PRIVATE],
+                                         remove_headers=["content-length", *REPRESENTATION_HEADERS])
+            return pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+            )
+        if self.plan.proxy:
+            metrics.filter_outcomes.labels(self.plan.proxy, "passed", "").inc()
+        return _continue("response_headers")
+
+    async def _on_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        data = bytes(body.body)
+        try:
+            if len(data) > _OFFLOAD_BYTES:
+                result = await asyncio.to_thread(filter_body, self.plan, data, body.end_of_stream)
+            else:
+                result = filter_body(self.plan, data, body.end_of_stream)
+        except Unfilterable as exc:
+            self._record_block(exc.code, exc.detail, len(data))
+            return blocked(exc.code, self.plan.decision_id)
+        proxy = self.plan.proxy
+        metrics.filtered_bytes.labels(proxy, "upstream").inc(result.decoded_bytes)
+        metrics.filtered_bytes.labels(proxy, "client").inc(len(result.body))
+        metrics.filter_outcomes.labels(proxy, "filtered", "").inc()
+        log.info("response_filtered", decision_id=self.plan.decision_id, proxy=proxy,
+                 upstream_bytes=len(data), decoded_bytes=result.decoded_bytes, client_bytes=len(result.body),
+                 filters=[b.filter.index for b in self.plan.filters],
+                 unresolved_operations={b.filter.index: list(b.unresolved) for b in self.plan.filters if b.unresolved}
+                 or None)
+        removed = [h for h in REPRESENTATION_HEADERS if h != "content-encoding" or self.plan.encodings]
+        if self.plan.declared_length is None:
+            mutation = pb.HeaderMutation(set_headers=[_PRIVATE], remove_headers=["content-length", *removed])
+        else:
+            mutation = pb.HeaderMutation(
+                set_headers=[_set("content-length", str(len(result.body))), _PRIVATE], remove_headers=removed
+            )
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=mutation, body_mutation=pb.BodyMutation(body=result.body),
+        )))
+
+    def _record_block(self, code: str, detail: str, size: int) -> None:
+        metrics.filter_outcomes.labels(self.plan.proxy, "blocked", code).inc()
+        log.warning("response_blocked", decision_id=self.plan.decision_id, proxy=self.plan.proxy,
+                    code=code, detail=detail, upstream_bytes=size or None)
+
+
+class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """``envoy.service.ext_proc.v3.ExternalProcessor``; the policy is looked up once per stream (hot reload)."""
+
+    def __init__(self, policy: Callable[[], Policy]) -> None:
+        self._policy = policy
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        exchange = _Exchange(self._policy())
+        async for message in request_iterator:
+            started = time.perf_counter()
+            phase = message.WhichOneof("request") or "unknown"
+            try:
+                response = await exchange.answer(message)
+            except Exception as exc:
+                # Fail closed: an error in here must never let the body through unfiltered.
+                log.exception("extproc_failed", phase=phase, error=f"{type(exc).__name__}: {exc}",
+                              decision_id=exchange.plan.decision_id)
+                metrics.filter_outcomes.labels(exchange.plan.proxy, "blocked", "filter_error").inc()
+                response = blocked("filter_error", exchange.plan.decision_id)
+            metrics.extproc_latency.labels(phase).observe(time.perf_counter() - started)
+            yield response
+        if exchange.plan.action is Action.BUFFER and not exchange.body_seen:
+            # Either the exchange was cut short (client or upstream reset), or Envoy
+            # ignored the mode override (allow_mode_override off) and streamed the body.
+            log.warning("filtered_body_not_received", decision_id=exchange.plan.decision_id,
+                      proxy=exchange.plan.proxy,
+                      hint="if this repeats, check allow_mode_override: true on the ext_proc filter")
+            metrics.filter_outcomes.labels(exchange.plan.proxy, "body_not_received", "").inc()

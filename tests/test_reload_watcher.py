@@ -1,0 +1,128 @@
+"""The policy watcher and ``Sidecar.reload`` without Envoy: what triggers a reload, what keeps the old policy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+from extauthz.core.request import HttpRequest
+from extauthz.demo.idp import IdentityProvider
+from extauthz.demo.processes import free_port
+from extauthz.server.reload import PolicyWatcher
+from extauthz.server.runtime import ReloadOutcome, Sidecar
+from tests.ops_stack import kubelet_layout, kubelet_update
+
+VALID = "proxies: [{name: a}]\n"
+
+
+class Recorder:
+    """Stands in for the sidecar: records reload calls and answers with a scripted outcome."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.calls = 0
+        self.outcome = ReloadOutcome.RELOADED
+        self.path: Path | None = None
+
+    async def reload(self) -> ReloadOutcome:
+        self.calls += 1
+        if self.outcome is ReloadOutcome.RELOADED and self.path is not None:
+            self.digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return self.outcome
+
+
+def test_watcher_reloads_on_content_changes_only(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        kubelet_layout(tmp_path, {"policy.yaml": VALID})
+        path = tmp_path / "policy.yaml"
+        sidecar = Recorder(hashlib.sha256(VALID.encode()).hexdigest()[:16])
+        sidecar.path = path
+        watcher = PolicyWatcher(path, sidecar.reload, lambda: sidecar.digest, interval=0.01)
+
+        assert await watcher.poll() is None  # nothing changed
+        kubelet_update(tmp_path, {"policy.yaml": VALID, "other.yaml": "x: 1\n"}, version=2)
+        assert await watcher.poll() is None and sidecar.calls == 0  # ..data swapped, same policy
+
+        kubelet_update(tmp_path, {"policy.yaml": VALID + "# edited\n"}, version=3)
+        assert await watcher.poll() is ReloadOutcome.RELOADED and sidecar.calls == 1
+        assert await watcher.poll() is None and sidecar.calls == 1
+
+        # A broken version is tried once, not again for every re-link of the same content.
+        sidecar.outcome = ReloadOutcome.INVALID
+        kubelet_update(tmp_path, {"policy.yaml": "broken: ["}, version=4)
+        assert await watcher.poll() is ReloadOutcome.INVALID
+        kubelet_update(tmp_path, {"policy.yaml": "broken: ["}, version=5)
+        assert await watcher.poll() is None and sidecar.calls == 2
+
+        # The next edit is tried again; a missing file never is.
+        sidecar.outcome = ReloadOutcome.RELOADED
+        kubelet_update(tmp_path, {"policy.yaml": VALID + "# fixed\n"}, version=6)
+        assert await watcher.poll() is ReloadOutcome.RELOADED and sidecar.calls == 3
+        (tmp_path / "..data").unlink()
+        assert await watcher.poll() is None and sidecar.calls == 3
+
+    asyncio.run(scenario())
+
+
+POLICY = """providers:
+  - {{name: idp, issuer: {issuer}, jwksUri: {jwks}, audiences: [api]}}
+proxies:
+  - name: api
+    rules: [{{effect: allow, methods: [{method}]}}]
+"""
+
+
+def test_reload_keeps_the_running_policy_when_the_new_one_cannot_get_keys(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with IdentityProvider() as idp:
+            path = tmp_path / "policy.yaml"
+            path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
+            sidecar = await Sidecar.start(path)
+            try:
+                first = sidecar.runtime.policy.digest
+                old = sidecar.authorizer()
+                # Valid policy, but its keys cannot be fetched: serving it would answer 503.
+                dead = f"http://127.0.0.1:{free_port()}/jwks"
+                path.write_text(POLICY.format(issuer=idp.issuer, jwks=dead, method="DELETE"))
+                assert await sidecar.reload() is ReloadOutcome.UNAVAILABLE
+                assert sidecar.runtime.policy.digest == first
+                assert sidecar.last_reload is not None
+                assert sidecar.last_reload.errors[0].startswith("provider idp: no signing keys (ConnectError")
+
+                path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="DELETE"))
+                assert await sidecar.reload() is ReloadOutcome.RELOADED
+                assert sidecar.runtime.policy.digest != first
+                assert await sidecar.reload() is ReloadOutcome.UNCHANGED
+
+                # A request that started on the old policy finishes on it, keys and all.
+                token = idp.token(audience="api", sub="u")
+                request = HttpRequest("GET", "/", headers={"authorization": f"Bearer {token}"})
+                decided_old = await old.check(request)
+                assert decided_old.allowed and decided_old.policy == first
+                decided_new = await sidecar.authorizer().check(request)
+                assert not decided_new.allowed and decided_new.policy == sidecar.runtime.policy.digest
+            finally:
+                await sidecar.close()
+
+    asyncio.run(scenario())
+
+
+def test_sighup_reloads_at_once_when_the_watcher_is_off(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from tests.ops_stack import ops_stack
+
+    text = POLICY.format(issuer="ISSUER", jwks="JWKS_URI", method="GET")
+    with ops_stack(tmp_path, text, with_envoy=False, extra_args=["--watch-interval", "0"]) as stack:
+        path = tmp_path / "policy.yaml"
+        first = stack.readyz()["policy"]["digest"]
+        path.write_text(path.read_text().replace("[GET]", "[DELETE]"))
+        assert stack.readyz()["policy"]["digest"] == first  # nobody is watching
+        stack.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while stack.readyz()["policy"]["digest"] == first:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            time.sleep(0.05)
+        assert stack.readyz()["lastReload"]["result"] == "reloaded"
