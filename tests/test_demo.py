@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import shlex
 import signal
@@ -13,7 +14,7 @@ import time
 from extauthz.demo.processes import free_port
 
 
-def run_curl(command: str) -> int:
+def run_curl(command: str) -> tuple[int, bytes]:
     """Execute one printed `curl -i URL [-H 'name: value']` line with http.client."""
     args = shlex.split(command)
     url = next(a for a in args if a.startswith("http://"))
@@ -21,9 +22,10 @@ def run_curl(command: str) -> int:
     host, _, rest = url.removeprefix("http://").partition("/")
     conn = http.client.HTTPConnection(host, timeout=10)
     conn.request("GET", "/" + rest, headers=headers)
-    status = conn.getresponse().status
+    response = conn.getresponse()
+    answer = response.status, response.read()
     conn.close()
-    return status
+    return answer
 
 
 def test_demo_prints_working_curls() -> None:
@@ -44,7 +46,12 @@ def test_demo_prints_working_curls() -> None:
         expected = [int(m) for m in re.findall(r"^# (\d{3}):", text, re.M)]
         curls = [ln for ln in text.splitlines() if ln.startswith("curl ")]
         assert expected == [200, 403, 401, 200]
-        assert [run_curl(c) for c in curls] == expected
+        answers = [run_curl(c) for c in curls]
+        assert [status for status, _ in answers] == expected
+        # The first curl reads orders: the sample filter leaves only user-123's, and only allowed fields.
+        orders = json.loads(answers[0][1])["orders"]
+        assert {o["userId"] for o in orders} == {"user-123"} and len(orders) == 2
+        assert all(set(o) == {"orderId", "userId", "amount", "status"} for o in orders)
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(20)

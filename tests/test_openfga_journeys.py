@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from extauthz.demo.idp import IdentityProvider
-from tests.openfga_server import FGA_DIR, OpenFgaServer, Scripted, policy_document, store_file_tuples
+from tests.openfga_server import FGA_DIR, OpenFgaServer, Scripted, fga_cli, policy_document, store_file_tuples
 from tests.redis_server import RedisServer, private_redis
 from tests.stack import Stack, running_stack
 
@@ -90,7 +90,7 @@ def expected_answers(test_name: str) -> list[tuple[str, str, str, bool]]:
 
 
 def test_the_real_engine_agrees_with_the_expected_answers() -> None:
-    result = subprocess.run(["fga", "model", "test", "--tests", str(STORE_FILE)],
+    result = subprocess.run([fga_cli(), "model", "test", "--tests", str(STORE_FILE)],
                             capture_output=True, text=True, timeout=120, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
