@@ -23,7 +23,9 @@ test: $(VENV)/.installed lint
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.check_latency
+	$(BIN)/python -m bench.filter_engine
+	$(BIN)/python -m bench.relationships
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,11 @@
-"""Added latency of the ext_authz Check, through a real Envoy, beside a baseline.
+"""Added latency of extauthz, through a real Envoy, beside a baseline.
 
-Two Envoys on the shipped config run side by side in one process tree: one with
-the ext_authz filter (our sidecar), one with the filter removed (the baseline).
-Requests alternate between them in small batches, so machine noise hits both
-alike. Reported: p50/p90/p99 per path and the ratio to the baseline.
+Three Envoys on the shipped config run side by side: the shipped config as is
+(ext_authz Check + ext_proc on response headers), one with only the ext_authz
+filter, and one with neither (the baseline). Requests rotate between them in
+small batches, so machine noise hits all alike. Reported: p50/p90/p99 per path
+and the ratio to the baseline. The route is not filtered, so ext_proc sees only
+the response headers (the cost every unfiltered response pays).
 
     python -m bench.check_latency [--requests 2000]
 """
@@ -57,20 +59,26 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp), POLICY) as stack:
-        baseline_ports = Ports.free()
-        baseline_ports.app = stack.ports.app
+        def variant(keep: set[str]) -> tuple[Envoy, Ports]:
+            ports = Ports.free()
+            ports.app, ports.extauthz = stack.ports.app, stack.ports.extauthz
 
-        def drop_authz(config: dict[str, Any]) -> None:
-            hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+            def edit(config: dict[str, Any]) -> None:
+                hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] in keep]
 
-        baseline = Envoy(render_envoy_config(baseline_ports, edit=drop_authz)).start()
+            return Envoy(render_envoy_config(ports, edit=edit)).start(), ports
+
+        router = "envoy.filters.http.router"
+        baseline, baseline_ports = variant({router})
+        authz_only, authz_ports = variant({router, "envoy.filters.http.ext_authz"})
         try:
             token = stack.idp.token(sub="user-123")
             auth = {"authorization": f"Bearer {token}"}
             targets = {
                 "envoy only (baseline)": (baseline_ports.listener, {}),
-                "envoy + extauthz": (stack.ports.listener, auth),
+                "+ ext_authz": (authz_ports.listener, auth),
+                "+ ext_authz + ext_proc": (stack.ports.listener, auth),
             }
             conns = {name: http.client.HTTPConnection("127.0.0.1", port) for name, (port, _) in targets.items()}
             samples: dict[str, list[float]] = {name: [] for name in targets}
@@ -84,14 +92,15 @@ def main() -> None:
                         samples[name].append(timed(conns[name], "/v1/products/1", headers))
         finally:
             baseline.stop()
+            authz_only.stop()
     base = statistics.median(samples["envoy only (baseline)"])
     print(f"{args.requests} sequential keep-alive GETs per path, 2-core machine, alternating batches of 20")
     print(f"{'path':24} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p50/base':>9}")
     for name, values in samples.items():
         p50, p90, p99 = (percentile(values, q) * 1000 for q in (0.5, 0.9, 0.99))
         print(f"{name:24} {p50:8.3f} {p90:8.3f} {p99:8.3f} {statistics.median(values) / base:9.2f}")
-    added = (statistics.median(samples["envoy + extauthz"]) - base) * 1000
-    print(f"added by the Check (p50): {added:.3f} ms")
+    for name in ("+ ext_authz", "+ ext_authz + ext_proc"):
+        print(f"added by {name[2:]} (p50): {(statistics.median(samples[name]) - base) * 1000:.3f} ms")
 
 
 if __name__ == "__main__":

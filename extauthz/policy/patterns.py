@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,7 +65,7 @@ class Pattern:
 
     @classmethod
     def parse(cls, source: str) -> Pattern:
-        names = tuple(dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(source)))
+        names = _placeholders(source)
         if not names:
             return cls(source, (), compile_regex(source))
         # Compile once with harmless stand-ins so syntax errors surface at load time.
@@ -81,20 +81,8 @@ class Pattern:
         """The compiled regex for these variable values; None if one is missing."""
         if self._static is not None:
             return self._static
-        missing = False
-
-        def substitute(match: re.Match[str]) -> str:
-            nonlocal missing
-            value = values.get(match.group(1))
-            if value is None:
-                missing = True
-                return ""
-            return escape(value)
-
-        text = PLACEHOLDER.sub(substitute, self.source)
-        if missing:
-            return None
-        return _compile_cached(text)
+        text = _interpolate(self.source, values, escape)
+        return None if text is None else _compile_cached(text)
 
 
 @dataclass(frozen=True)
@@ -106,22 +94,26 @@ class Template:
 
     @classmethod
     def parse(cls, source: str) -> Template:
-        names = tuple(dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(source)))
-        return cls(source, names)
+        return cls(source, _placeholders(source))
 
     def render(self, values: Mapping[str, str]) -> str | None:
         """The text with values filled in; None when a variable is unresolved."""
-        if not self.variables:
-            return self.source
-        missing = False
+        return _interpolate(self.source, values, str) if self.variables else self.source
 
-        def substitute(match: re.Match[str]) -> str:
-            nonlocal missing
-            value = values.get(match.group(1))
-            if value is None:
-                missing = True
-                return ""
-            return value
 
-        text = PLACEHOLDER.sub(substitute, self.source)
-        return None if missing else text
+def _placeholders(source: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(source)))
+
+
+def _interpolate(source: str, values: Mapping[str, str], transform: Callable[[str], str]) -> str | None:
+    """``source`` with each ``{{name}}`` replaced by ``transform(value)``; None if a value is missing."""
+    parts: list[str] = []
+    last = 0
+    for match in PLACEHOLDER.finditer(source):
+        value = values.get(match.group(1))
+        if value is None:
+            return None
+        parts += (source[last:match.start()], transform(value))
+        last = match.end()
+    parts.append(source[last:])
+    return "".join(parts)
