@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from extauthz.demo.processes import free_port
+from extauthz.demo.processes import free_port, stop_process
 
 DEFAULT = ("127.0.0.1", 6379)
 
@@ -44,13 +44,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop a server we started (a shared one is never stopped)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
     def start_again(self) -> None:
         """Restart our own server on the same port (after ``stop``)."""

@@ -108,6 +108,18 @@ def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes]
     raise TimeoutError(f"port {port} not open after {timeout}s")
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10) -> None:
+    """SIGTERM (so servers drain), then SIGKILL if it is still there after ``grace`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 class Envoy:
     def __init__(self, config: dict[str, Any], log_path: Path | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="extauthz-envoy-"))
@@ -128,12 +140,7 @@ class Envoy:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=5) as r:
@@ -195,9 +202,4 @@ class Sidecar:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, grace=15)
