@@ -25,16 +25,7 @@ from extauthz.filtering.engine import bind
 from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import Action, Plan
 from extauthz.policy.loader import load_filter
-
-SEED_003_FILTER: dict[str, Any] = {
-    "variables": [{"name": "callerSub", "source": "jwtClaim", "key": "sub"}],
-    "defaultFilterOperation": "destroy",
-    "operations": [
-        {"effect": "retain", "jsonPath": {"pattern": "^orders$"}, "matchField": {"pattern": "^userId$"},
-         "matchValue": {"pattern": "^{{callerSub}}$"}, "priority": 10},
-        {"effect": "retain", "jsonPath": {"pattern": "^orders\\.(orderId|userId|amount|status)$"}, "priority": 5},
-    ],
-}
+from tests.test_filter_properties import SEED_FILTER as SEED_003_FILTER
 
 DENYLIST: dict[str, Any] = {
     "defaultFilterOperation": "retain",

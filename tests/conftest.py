@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.openfga_server import OpenFgaServer, journeys_server
 from tests.redis_server import RedisServer, any_redis
 
 # --- relationships (issue 4) ---------------------------------------------------
@@ -16,3 +17,21 @@ def redis_server() -> Iterator[RedisServer]:
     """A real Redis (the machine's, or one started for the session); fails, never skips, without one."""
     with any_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def fga() -> Iterator[OpenFgaServer]:
+    """A local OpenFGA server with the journeys model and tuples, one per module that uses it."""
+    with journeys_server() as server:
+        yield server
+
+
+@pytest.fixture
+def fga_spec_clean(fga: OpenFgaServer) -> Iterator[None]:
+    """Each test starts without earlier calls or scripted answers, and every request the client sent
+    in it must have matched the published spec. Modules opt in with ``pytest.mark.usefixtures``."""
+    fga.calls.clear()
+    fga.script.clear()
+    yield
+    assert fga.invalid == [], fga.invalid
+    fga.script.clear()

@@ -21,6 +21,7 @@ Run standalone for the benchmark: ``python -m tests.openfga_server --port N``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -43,6 +44,7 @@ import yaml
 SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "openfga" / "apidocs.swagger.json"
 FGA_DIR = Path(__file__).resolve().parent / "fga"
 JOURNEYS_MODEL = FGA_DIR / "journeys.fga"
+JOURNEYS_STORE = FGA_DIR / "journeys.fga.yaml"  # the journeys tuples and expected answers (`fga model test`)
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CORRELATION_ID = re.compile(r"^[\w\d-]{1,36}$")
@@ -494,6 +496,33 @@ class Harness:
 
 def store_file_tuples(store: dict[str, Any]) -> list[Tuple]:
     return [(t["user"], t["relation"], t["object"]) for t in store.get("tuples", [])]
+
+
+# --- the journeys store, shared by the relationship tests (read once, never to be mutated) ---------
+
+
+@functools.cache
+def journeys_store() -> dict[str, Any]:
+    """``JOURNEYS_STORE``, parsed."""
+    store: dict[str, Any] = yaml.safe_load(JOURNEYS_STORE.read_text())
+    return store
+
+
+@functools.cache
+def journeys_model() -> dict[str, Any]:
+    """The journeys JSON model (``transform_model()``, which runs the ``fga`` CLI)."""
+    return transform_model()
+
+
+@functools.cache
+def published_spec() -> Spec:
+    return Spec()
+
+
+def journeys_server(api_token: str | None = None) -> OpenFgaServer:
+    """A server (to be entered) with the journeys model and the store's tuples."""
+    return OpenFgaServer(journeys_model(), store_file_tuples(journeys_store()), api_token=api_token,
+                         spec=published_spec())
 
 
 def main() -> None:

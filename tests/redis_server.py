@@ -13,12 +13,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from extauthz.demo.processes import free_port, stop_process
+from extauthz.demo.processes import free_port, stop_process, wait_port
 
 DEFAULT = ("127.0.0.1", 6379)
 
@@ -59,15 +58,12 @@ def _spawn(port: int) -> subprocess.Popen[bytes]:
          "--dir", tempfile.gettempdir()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {process.returncode} on port {port}")
-        if ping("127.0.0.1", port):
-            return process
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"redis-server did not answer on port {port}")
+    try:
+        wait_port(port, 15, process, ready=lambda p: ping("127.0.0.1", p))
+    except TimeoutError:
+        process.kill()
+        raise RuntimeError(f"redis-server did not answer on port {port}") from None
+    return process
 
 
 @contextmanager

@@ -253,7 +253,7 @@ def test_priorities_never_change_the_result(case: Case, rnd: Any) -> None:
 
 
 METACHARACTERS = ".*+?()[]{}|^$\\-/\n\t user123é"
-SEED_FILTER = {
+SEED_FILTER = {  # seed 003's allowlist (without its notes); also the workload of bench/filter_engine.py
     "variables": [{"name": "callerSub", "source": "jwtClaim", "key": "sub"}],
     "defaultFilterOperation": "destroy",
     "operations": [

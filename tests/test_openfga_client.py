@@ -9,32 +9,28 @@ server; no test measures time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from extauthz.relationships.templates import valid_value
 from tests.openfga_server import (
-    FGA_DIR,
     Model,
     OpenFgaServer,
     Scripted,
-    Spec,
+    journeys_model,
+    journeys_server,
+    journeys_store,
     new_ulid,
     policy_document,
     resolver_for,
     store_file_tuples,
-    transform_model,
 )
 
-STORE = yaml.safe_load((FGA_DIR / "journeys.fga.yaml").read_text())
-MODEL = transform_model()
-SPEC = Spec()
+pytestmark = pytest.mark.usefixtures("fga_spec_clean")  # fga: tests/conftest.py
 
 VIEW = {"effect": "allow", "methods": ["GET"],
         "variables": [{"name": "journeyId", "source": "pathSegment", "index": 2}],
@@ -49,22 +45,6 @@ def fga_rule(relation: str = "viewer", effect: str = "allow", **extra: Any) -> d
     }
     rule["fga"].update(extra)
     return rule
-
-
-@pytest.fixture(scope="module")
-def fga() -> Iterator[OpenFgaServer]:
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), spec=SPEC) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def spec_clean(fga: OpenFgaServer) -> Iterator[None]:
-    """Every request the client sent in a test must have matched the published spec."""
-    fga.calls.clear()
-    fga.script.clear()
-    yield
-    assert fga.invalid == [], fga.invalid
-    fga.script.clear()
 
 
 def ask(doc: dict[str, Any], rule: int, values: dict[str, str], claims: dict[str, Any]) -> bool | None:
@@ -263,7 +243,7 @@ def test_value_validation_matches_policy_section_3(value: str) -> None:
 def test_preshared_key_from_a_mounted_file_and_its_rotation(tmp_path: Path) -> None:
     key = tmp_path / "fga.key"
     key.write_text("first-key\n")
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), api_token="first-key", spec=SPEC) as fga:
+    with journeys_server(api_token="first-key") as fga:
         doc = policy_document([VIEW], [fga.backend(auth={"tokenFile": str(key)})])
 
         async def run() -> list[bool | None]:
@@ -283,7 +263,7 @@ def test_preshared_key_from_a_mounted_file_and_its_rotation(tmp_path: Path) -> N
 def test_without_the_right_key_the_condition_is_unresolved(tmp_path: Path) -> None:
     key = tmp_path / "fga.key"
     key.write_text("wrong")
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), api_token="right", spec=SPEC) as fga:
+    with journeys_server(api_token="right") as fga:
         doc = policy_document([VIEW], [fga.backend(auth={"tokenFile": str(key)})])
         assert ask(doc, 0, {"journeyId": "roadmap"}, {"sub": "bob"}) is None
         assert len(fga.calls) == 2  # one retry after the 401 (the file is re-read), then give up
@@ -292,7 +272,7 @@ def test_without_the_right_key_the_condition_is_unresolved(tmp_path: Path) -> No
 def test_oidc_client_credentials(tmp_path: Path) -> None:
     secret = tmp_path / "client.secret"
     secret.write_text("s3cret\n")
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), api_token="unused", spec=SPEC) as fga:
+    with journeys_server(api_token="unused") as fga:
         fga.clients["extauthz"] = "s3cret"
         auth = {"clientId": "extauthz", "clientSecretFile": str(secret), "tokenUrl": f"{fga.url}/oauth/token",
                 "audience": "https://fga.example"}
@@ -314,7 +294,7 @@ def test_oidc_client_credentials(tmp_path: Path) -> None:
 def test_oidc_with_a_wrong_secret_is_unresolved(tmp_path: Path) -> None:
     secret = tmp_path / "client.secret"
     secret.write_text("nope")
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), api_token="unused", spec=SPEC) as fga:
+    with journeys_server(api_token="unused") as fga:
         fga.clients["extauthz"] = "s3cret"
         auth = {"clientId": "extauthz", "clientSecretFile": str(secret), "tokenUrl": f"{fga.url}/oauth/token"}
         doc = policy_document([VIEW], [fga.backend(auth=auth)])
@@ -325,10 +305,10 @@ def test_oidc_with_a_wrong_secret_is_unresolved(tmp_path: Path) -> None:
 def test_local_model_semantics_agree_with_the_real_engine_answers() -> None:
     """The store file's expectations are verified by `fga model test` (test_openfga_journeys); here
     the local server's evaluator must give the very same answers."""
-    model = Model(MODEL, "m")
-    base = frozenset(store_file_tuples(STORE))
+    model = Model(journeys_model(), "m")
+    base = frozenset(store_file_tuples(journeys_store()))
     checked = 0
-    for test in STORE["tests"]:
+    for test in journeys_store()["tests"]:
         tuples = base | frozenset(store_file_tuples(test))
         for check in test["check"]:
             for relation, expected in check["assertions"].items():

@@ -19,14 +19,12 @@ import pytest
 import yaml
 
 from extauthz.demo.idp import IdentityProvider
-from tests.openfga_server import FGA_DIR, OpenFgaServer, Scripted, fga_cli, policy_document, store_file_tuples
+from tests.openfga_server import JOURNEYS_STORE, OpenFgaServer, Scripted, fga_cli, journeys_store, policy_document
 from tests.redis_server import RedisServer, private_redis
 from tests.stack import Stack, running_stack
 
 pytestmark = [pytest.mark.envoy, pytest.mark.redis]
 
-STORE_FILE = FGA_DIR / "journeys.fga.yaml"
-STORE = yaml.safe_load(STORE_FILE.read_text())
 METHOD = {"viewer": "GET", "editor": "PUT", "can_delete": "DELETE"}
 TTL = 1.0
 
@@ -62,13 +60,7 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def fga() -> Iterator[OpenFgaServer]:
-    with OpenFgaServer(tuples=store_file_tuples(STORE)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # fga: tests/conftest.py
 def stack(tmp_path_factory: pytest.TempPathFactory, fga: OpenFgaServer, redis: RedisServer) -> Iterator[Stack]:
     document = policy_document(
         RULES, [fga.backend(timeout_ms=250)], issuer="ISSUER", jwks_uri="JWKS_URI",
@@ -84,13 +76,13 @@ def token(idp: IdentityProvider, sub: str, **claims: Any) -> str:
 
 
 def expected_answers(test_name: str) -> list[tuple[str, str, str, bool]]:
-    test = next(t for t in STORE["tests"] if t["name"] == test_name)
+    test = next(t for t in journeys_store()["tests"] if t["name"] == test_name)
     return [(c["user"].removeprefix("user:"), c["object"].removeprefix("journey:"), relation, expected)
             for c in test["check"] for relation, expected in c["assertions"].items()]
 
 
 def test_the_real_engine_agrees_with_the_expected_answers() -> None:
-    result = subprocess.run([fga_cli(), "model", "test", "--tests", str(STORE_FILE)],
+    result = subprocess.run([fga_cli(), "model", "test", "--tests", str(JOURNEYS_STORE)],
                             capture_output=True, text=True, timeout=120, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

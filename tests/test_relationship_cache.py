@@ -11,29 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-import yaml
 
 from extauthz.relationships.cache import MemoryCache
-from tests.openfga_server import (
-    FGA_DIR,
-    OpenFgaServer,
-    Scripted,
-    Spec,
-    policy_document,
-    resolver_for,
-    store_file_tuples,
-    transform_model,
-)
+from tests.openfga_server import OpenFgaServer, Scripted, policy_document, resolver_for
 from tests.redis_server import RedisServer, private_redis
 
-STORE = yaml.safe_load((FGA_DIR / "journeys.fga.yaml").read_text())
-MODEL = transform_model()
-SPEC = Spec()
+pytestmark = pytest.mark.usefixtures("fga_spec_clean")  # fga: tests/conftest.py
 
 
 def rule(relation: str = "viewer", **extra: Any) -> dict[str, Any]:
@@ -48,20 +35,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def fga() -> Iterator[OpenFgaServer]:
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), spec=SPEC) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def fresh(fga: OpenFgaServer) -> Iterator[None]:
-    fga.calls.clear()
-    fga.script.clear()
-    yield
-    assert fga.invalid == [], fga.invalid
 
 
 def test_allowed_and_denied_answers_expire_after_their_own_ttl(fga: OpenFgaServer) -> None:

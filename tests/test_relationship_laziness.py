@@ -9,27 +9,16 @@ fixed, and asks each step's conditions together (one BatchCheck).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from extauthz.core.rules import Outcome
 from extauthz.policy.model import Effect
-from tests.openfga_server import (
-    FGA_DIR,
-    OpenFgaServer,
-    Scripted,
-    Spec,
-    policy_document,
-    resolver_for,
-    store_file_tuples,
-    transform_model,
-)
+from tests.openfga_server import OpenFgaServer, Scripted, policy_document, resolver_for
 
-STORE = yaml.safe_load((FGA_DIR / "journeys.fga.yaml").read_text())
-MODEL = transform_model()
+pytestmark = pytest.mark.usefixtures("fga_spec_clean")  # fga: tests/conftest.py
+
 JOURNEY = [{"name": "journeyId", "source": "pathSegment", "index": 2}]
 PATH = {"path": {"pattern": "^/v1/journeys/[^/]+$"}}
 
@@ -53,17 +42,9 @@ BLOCKED = {"effect": "deny", "token": [{"claim": {"pattern": "^blocked$"}, "valu
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[OpenFgaServer]:
-    with OpenFgaServer(MODEL, store_file_tuples(STORE), spec=Spec()) as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def fresh(server: OpenFgaServer) -> Iterator[None]:
-    server.calls.clear()
-    server.script.clear()
-    yield
-    assert server.invalid == [], server.invalid
+def server(fga: OpenFgaServer) -> OpenFgaServer:
+    """The module's journeys server (``fga`` in tests/conftest.py), named apart from the ``fga`` rule helper."""
+    return fga
 
 
 def decide(doc: dict[str, Any], method: str, path: str, claims: dict[str, Any]) -> Any:

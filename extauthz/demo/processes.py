@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,20 @@ def wait_http(url: str, timeout: float = 20.0, process: subprocess.Popen[bytes] 
     raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
-def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None,
+              ready: Callable[[int], bool] = port_open) -> None:
+    """Wait until ``ready(port)`` (by default: something accepts connections on the loopback port)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before port {port} opened")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if ready(port):
+            return
         time.sleep(0.05)
     raise TimeoutError(f"port {port} not open after {timeout}s")
 
