@@ -24,6 +24,7 @@ providers:
 proxies:
   - name: orders-api
     defaultRuleEffect: deny
+    publicPaths: [{pattern: "^/healthz$", methods: [GET]}]
     upstream:
       targetCredential: {header: authorization, prefix: "Bearer ", file: target.key}
       identityHeaders: {x-auth-sub: "{{sub}}", x-auth-email: "{{email}}"}
@@ -162,6 +163,13 @@ def test_default_deny(seed003: Stack, sub: str, method: str, path: str) -> None:
     before = len(seed003.upstream.requests)
     assert seed003.request(method, path, seed003.idp.token(sub=sub)).status == 403
     assert len(seed003.upstream.requests) == before, "a denied request never reaches the upstream"
+
+
+def test_public_path_needs_no_token_but_identity_headers_stay_ours(seed003: Stack) -> None:
+    assert seed003.request("GET", "/healthz", headers={"x-auth-sub": "admin"}).status == 200
+    seen = seed003.last_upstream_request()
+    assert seen["path"] == "/healthz" and "x-auth-sub" not in seen["headers"]
+    assert seed003.request("POST", "/healthz").status == 401  # public for GET only
 
 
 # --- seed 000 ------------------------------------------------------------------

@@ -198,23 +198,23 @@ async def decide(
         provider = provider_for(variant, request, identity.provider) if identity.claims is not None else None
         if provider is not None and identity.claims is not None:
             request = with_token(request, provider, issuer.mint(provider, identity.claims, identity.expires_in))
-        verifier = Verifier(variant.providers, http, TokenCache(0, 0))
-        await verifier.start()
-        try:
-            decision = await Authorizer(variant, verifier, relationships).check(request)
-        finally:
-            await verifier.close()
-        return Explanation.of(decision, policy, identity.kind)
+        return Explanation.of(await _offline_check(variant, request, http, relationships), policy, identity.kind)
     if identity.token:
         provider = provider_for(policy, request, identity.provider)
         if provider is not None:
             request = with_token(request, provider, identity.token)
     if live is not None:
         return Explanation.of(await live.check(request), policy, identity.kind)
+    return Explanation.of(await _offline_check(policy, request, http, relationships), policy, identity.kind)
+
+
+async def _offline_check(
+    policy: Policy, request: HttpRequest, http: httpx.AsyncClient, relationships: RelationshipResolver | None
+) -> Decision:
+    """One Check with a verifier of its own (no token cache: every explanation verifies afresh)."""
     verifier = Verifier(policy.providers, http, TokenCache(0, 0))
     await verifier.start()
     try:
-        decision = await Authorizer(policy, verifier, relationships).check(request)
+        return await Authorizer(policy, verifier, relationships).check(request)
     finally:
         await verifier.close()
-    return Explanation.of(decision, policy, identity.kind)
