@@ -102,7 +102,7 @@ async def _explain_offline(config: Path, request: Any, identity: Any) -> Any:
 
     policy = load_for_serving(config)
     async with httpx.AsyncClient() as http:
-        return await decide(policy, request, identity, http, build_resolver(policy, http))
+        return await decide(policy, request, identity, http, build_resolver(policy))
 
 
 def _test(args: argparse.Namespace) -> int:

@@ -468,8 +468,8 @@ class Harness:
         from extauthz.core.variables import builtins
 
         request, verified = HttpRequest.from_target(method, path), Claims.of(claims or {})
-        answer: bool | None = await self.resolver.resolve(
-            self.rules[rule], {**builtins(request, verified), **(values or {})}, request, verified)
+        (answer,) = await self.resolver.resolve_all(
+            [(self.rules[rule], {**builtins(request, verified), **(values or {})})], request, verified)
         return answer
 
     async def ask_all(self, asks: list[tuple[int, dict[str, str]]], claims: dict[str, Any] | None = None

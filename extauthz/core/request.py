@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from urllib.parse import parse_qs
 
@@ -29,10 +30,10 @@ class HttpRequest:
         path, _, query = target.partition("?")
         return cls(method=method.upper(), path=path, query_string=query, **kwargs)  # type: ignore[arg-type]
 
-    @property
+    @cached_property
     def query(self) -> Mapping[str, list[str]]:
         return parse_qs(self.query_string, keep_blank_values=True)
 
-    @property
+    @cached_property
     def segments(self) -> list[str]:
         return [s for s in self.path.split("/") if s]

@@ -58,10 +58,6 @@ class RelationshipResolver(Protocol):
     call per rule; answers come back in the order asked.
     """
 
-    async def resolve(
-        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
-    ) -> bool | None: ...
-
     async def resolve_all(
         self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
     ) -> list[bool | None]: ...
@@ -73,11 +69,6 @@ class RelationshipResolver(Protocol):
 
 class NoRelationships:
     """Used when no backend is configured: every relationship condition is unresolved."""
-
-    async def resolve(
-        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
-    ) -> bool | None:
-        return None
 
     async def resolve_all(
         self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims

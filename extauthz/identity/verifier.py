@@ -136,11 +136,12 @@ class Verifier:
         if cached is not None and cached.provider in trusted:
             return cached
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+            # Read once, unverified, only to route the token to a provider and pick its key.
+            unverified_token = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.DecodeError as exc:
             raise TokenError("token_malformed", f"not a JWS compact token: {exc}") from None
-        issuer = unverified.get("iss")
+        header, unverified = unverified_token["header"], unverified_token["payload"]
+        issuer = unverified.get("iss") if isinstance(unverified, dict) else None
         provider = next((self.providers[n] for n in trusted if self.providers[n].issuer == issuer), None)
         if provider is None:
             raise TokenError("token_wrong_issuer", f"issuer {issuer!r} is not trusted by this proxy")

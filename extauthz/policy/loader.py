@@ -52,7 +52,7 @@ from extauthz.policy.model import (
     Variable,
     VariableSource,
 )
-from extauthz.policy.patterns import Pattern, PatternError, Template, escape
+from extauthz.policy.patterns import Pattern, PatternError, Template
 
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -768,21 +768,6 @@ def _file(ctx: _Ctx, obj: _Obj, key: str) -> str:
 
 
 _AUTH_FIELDS = {"tokenFile", "clientId", "clientSecretFile", "tokenUrl", "audience"}
-# OpenAPI allows any name in a path template parameter ({todo-id} included), except braces and slashes.
-_ROUTE_PARAM = re.compile(r"\{([^{}/]+)\}")
-
-
-def route_template(template: str, methods: frozenset[str] | None = None) -> RouteTemplate:
-    """Compile an OpenAPI path template (``/todos/{todoId}``) to an anchored regex."""
-    parts: list[str] = []
-    last = 0
-    for match in _ROUTE_PARAM.finditer(template):
-        parts.append(escape(template[last:match.start()]))
-        parts.append("[^/]+")
-        last = match.end()
-    parts.append(escape(template[last:]))
-    regex = Pattern.parse("^" + "".join(parts) + "$")
-    return RouteTemplate(template, regex, tuple(_ROUTE_PARAM.findall(template)), methods)
 
 
 def _openapi_routes(ctx: _Ctx, obj: _Obj) -> list[RouteTemplate]:
@@ -800,7 +785,7 @@ def _openapi_routes(ctx: _Ctx, obj: _Obj) -> list[RouteTemplate]:
     routes = []
     for template, item in paths.items():
         methods = frozenset(k.upper() for k in (item or {}) if k.upper() in HTTP_METHODS)
-        routes.append(route_template(str(template), methods or None))
+        routes.append(RouteTemplate(str(template), methods or None))
     return routes
 
 
@@ -831,7 +816,7 @@ def _relationships(
             if not isinstance(rv, str) or not rv.startswith("/"):
                 ctx.error(rl, rp, "must be a path template such as /todos/{todoId}")
                 continue
-            routes.append(route_template(rv))
+            routes.append(RouteTemplate(rv))
         if not routes:
             o.error("routes", "an AuthZEN backend needs route templates (routes or openapi)")
         return AuthzenBackend(

@@ -263,9 +263,9 @@ class OpenFgaBackend:
 
 @dataclass(frozen=True)
 class RouteTemplate:
+    """An OpenAPI path template (``/todos/{todoId}``); the AuthZEN client compiles it once per policy."""
+
     template: str
-    regex: Pattern
-    parameters: tuple[str, ...]
     methods: frozenset[str] | None = None
 
 

@@ -62,15 +62,17 @@ class Pattern:
     source: str
     variables: tuple[str, ...] = ()
     _static: CompiledRegex | None = field(default=None, compare=False, repr=False)
+    parts: Parts = field(default=(), compare=False, repr=False)
 
     @classmethod
     def parse(cls, source: str) -> Pattern:
-        names = _placeholders(source)
+        parts = split(source)
+        names = _names(parts)
         if not names:
-            return cls(source, (), compile_regex(source))
+            return cls(source, (), compile_regex(source), parts)
         # Compile once with harmless stand-ins so syntax errors surface at load time.
         compile_regex(PLACEHOLDER.sub("x", source))
-        return cls(source, names, None)
+        return cls(source, names, None, parts)
 
     def search(self, text: str) -> bool:
         """Match a pattern that has no placeholders (public paths, route templates)."""
@@ -81,7 +83,7 @@ class Pattern:
         """The compiled regex for these variable values; None if one is missing."""
         if self._static is not None:
             return self._static
-        text = _interpolate(self.source, values, escape)
+        text = interpolate(self.parts, values, escape)
         return None if text is None else _compile_cached(text)
 
 
@@ -91,29 +93,48 @@ class Template:
 
     source: str
     variables: tuple[str, ...] = ()
+    parts: Parts = field(default=(), compare=False, repr=False)
 
     @classmethod
     def parse(cls, source: str) -> Template:
-        return cls(source, _placeholders(source))
+        parts = split(source)
+        return cls(source, _names(parts), parts)
 
     def render(self, values: Mapping[str, str]) -> str | None:
         """The text with values filled in; None when a variable is unresolved."""
-        return _interpolate(self.source, values, str) if self.variables else self.source
+        return interpolate(self.parts, values, str) if self.variables else self.source
 
 
-def _placeholders(source: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(m.group(1) for m in PLACEHOLDER.finditer(source)))
+Parts = tuple[tuple[bool, str], ...]
+"""A template split once at load: (is_variable, literal text or variable name)."""
 
 
-def _interpolate(source: str, values: Mapping[str, str], transform: Callable[[str], str]) -> str | None:
-    """``source`` with each ``{{name}}`` replaced by ``transform(value)``; None if a value is missing."""
-    parts: list[str] = []
+def split(source: str) -> Parts:
+    parts: list[tuple[bool, str]] = []
     last = 0
     for match in PLACEHOLDER.finditer(source):
-        value = values.get(match.group(1))
+        if match.start() > last:
+            parts.append((False, source[last:match.start()]))
+        parts.append((True, match.group(1)))
+        last = match.end()
+    if last < len(source):
+        parts.append((False, source[last:]))
+    return tuple(parts)
+
+
+def _names(parts: Parts) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(text for is_variable, text in parts if is_variable))
+
+
+def interpolate(parts: Parts, values: Mapping[str, str], transform: Callable[[str], str]) -> str | None:
+    """The parts joined, each variable as ``transform(value)``; None if a value is missing."""
+    out: list[str] = []
+    for is_variable, text in parts:
+        if not is_variable:
+            out.append(text)
+            continue
+        value = values.get(text)
         if value is None:
             return None
-        parts += (source[last:match.start()], transform(value))
-        last = match.end()
-    parts.append(source[last:])
-    return "".join(parts)
+        out.append(transform(value))
+    return "".join(out)

@@ -122,11 +122,6 @@ class Relationships:
 
     # --- the RelationshipResolver protocol ------------------------------------
 
-    async def resolve(
-        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
-    ) -> bool | None:
-        return (await self.resolve_all([(rule, values)], request, claims))[0]
-
     async def resolve_all(
         self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
     ) -> list[bool | None]:

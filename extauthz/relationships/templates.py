@@ -42,16 +42,7 @@ class TupleString:
 
     def __init__(self, template: Template) -> None:
         self.source = template.source
-        parts: list[tuple[bool, str]] = []  # (is_variable, literal text or variable name)
-        last = 0
-        for match in PLACEHOLDER.finditer(template.source):
-            if match.start() > last:
-                parts.append((False, template.source[last:match.start()]))
-            parts.append((True, match.group(1)))
-            last = match.end()
-        if last < len(template.source):
-            parts.append((False, template.source[last:]))
-        self._parts = tuple(parts)
+        self._parts = template.parts  # split once by the loader
 
     def render(self, values: Mapping[str, str]) -> str:
         out: list[str] = []

@@ -25,6 +25,7 @@ from extauthz.core.decision import Decision
 from extauthz.core.request import HttpRequest
 from extauthz.observability import metrics
 from extauthz.observability.logging import log_decision
+from extauthz.server.headers import header_map
 
 log = structlog.get_logger("extauthz.authz")
 
@@ -34,10 +35,8 @@ _GRPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 50
 
 def to_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     http = check.attributes.request.http
-    if http.headers:
-        headers = dict(http.headers)
-    else:  # Envoy sends header_map instead when encode_raw_headers is on
-        headers = {h.key: h.raw_value.decode("utf-8", "replace") or h.value for h in http.header_map.headers}
+    # Envoy sends header_map instead of headers when encode_raw_headers is on.
+    headers = dict(http.headers) if http.headers else header_map(http.header_map)
     path, _, query = http.path.partition("?")
     return HttpRequest(
         method=http.method.upper(),

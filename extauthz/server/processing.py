@@ -49,6 +49,7 @@ from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Caller, Plan, ResponseHead, plan
 from extauthz.observability import metrics
 from extauthz.policy.model import Policy
+from extauthz.server.headers import header_map
 
 log = structlog.get_logger("extauthz.extproc")
 
@@ -76,17 +77,6 @@ _MESSAGES = {
 }
 
 
-def _header_map(headers: Any) -> dict[str, str]:
-    """Lower-case name -> value; repeated lines are joined as an HTTP list (two content-encoding
-    lines must both be seen). Envoy puts values in ``raw_value`` (bytes) in recent versions."""
-    out: dict[str, str] = {}
-    for header in headers.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
-        name = header.key.lower()
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
-
-
 def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
     if ATTRIBUTES_NAMESPACE not in message.attributes:
         return {}
@@ -103,7 +93,7 @@ def _caller(message: pb.ProcessingRequest) -> Caller | None:
 
 def to_head(message: pb.ProcessingRequest) -> ResponseHead:
     """The response as Envoy describes it: status and headers, plus request attributes Envoy supplies."""
-    headers = _header_map(message.response_headers.headers)
+    headers = header_map(message.response_headers.headers)
     attributes = _attributes(message)
     target = str(attributes.get("request.path") or "")
     details = attributes.get("response.code_details")

@@ -84,7 +84,7 @@ class Runtime:
         await verifier.start()
         from extauthz.relationships import build_resolver
 
-        return cls(policy, verifier, Authorizer(policy, verifier, build_resolver(policy, http)))
+        return cls(policy, verifier, Authorizer(policy, verifier, build_resolver(policy)))
 
     @property
     def ready(self) -> bool:

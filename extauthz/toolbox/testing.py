@@ -102,11 +102,6 @@ class ScriptedRelationships:
     def __init__(self, answers: Mapping[int, bool]) -> None:
         self.answers = answers
 
-    async def resolve(
-        self, rule: Rule, values: Mapping[str, str], request: HttpRequest, claims: Claims
-    ) -> bool | None:
-        return self.answers.get(rule.index)
-
     async def resolve_all(
         self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
     ) -> list[bool | None]:

@@ -1,0 +1,16 @@
+"""Envoy's HeaderMap messages as a plain dict, the same way for ext_authz and ext_proc."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def header_map(headers: Any) -> dict[str, str]:
+    """Lower-case name -> value; repeated lines are joined as an HTTP list (two content-encoding
+    lines must both be seen). Envoy puts values in ``raw_value`` (bytes) in recent versions."""
+    out: dict[str, str] = {}
+    for header in headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        name = header.key.lower()
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
