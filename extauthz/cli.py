@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from extauthz.policy.coverage import scope_drift
     from extauthz.server.validation import load_for_serving  # the server's own checks, not just the loader's
 
     status = 0
@@ -42,6 +43,8 @@ def _validate(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             status = 1
             continue
+        for drift in scope_drift(policy):
+            print(f"{file}: warning: {drift}", file=sys.stderr)
         rules = sum(len(p.rules) for p in policy.proxies)
         filters = sum(len(p.filters) for p in policy.proxies)
         print(f"{file}: OK (digest {policy.digest}; {len(policy.providers)} providers, "

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.decision import Decision
@@ -89,8 +90,9 @@ def test_allow_mutations() -> None:
     d = check("GET", "/orders", bearer(sub="u-1", org={"id": "o-9"}), {"proxy": "orders"})
     assert dict(d.mutations.set_headers) == {"x-api-key": "k-123", "x-auth-sub": "u-1", "x-auth-org": "o-9"}
     assert d.mutations.remove_headers == ("authorization",)
-    assert d.metadata["sub"] == "u-1" and d.metadata["proxy"] == "orders"
+    assert d.metadata["proxy"] == "orders" and d.metadata["paths"] == ["/orders"]
     assert d.metadata["decisionId"] == d.decision_id
+    assert "claims" not in d.metadata  # the response phase gets resolved values, never the claim set
 
 
 def test_identity_header_with_unsafe_value_is_removed_not_forwarded() -> None:
@@ -113,3 +115,32 @@ def test_trace_explains_each_rule() -> None:
     assert not d.allowed and d.reason == "default deny"
     (entry,) = d.trace
     assert entry.outcome.value == "not matched" and "does not match '^/orders'" in entry.reason
+
+
+def test_look_alike_spellings_of_owned_headers_are_stripped() -> None:
+    """``x_auth_sub`` reads as ``X-Auth-Sub`` to CGI/WSGI servers, even where Envoy lets it through."""
+    headers = {**bearer(sub="u-1"), "x_auth_sub": "admin", "x_api_key": "mine", "x_other": "kept"}
+    d = check("GET", "/orders", headers, {"proxy": "orders"})
+    assert d.allowed
+    assert {"x_auth_sub", "x_api_key"} <= set(d.mutations.remove_headers)
+    assert "x_other" not in d.mutations.remove_headers
+
+
+@pytest.mark.parametrize("host", ["ORDERS.example.com", "orders.example.com.", "orders.example.com.:8443"])
+def test_host_spellings_pick_the_same_proxy(host: str) -> None:
+    assert check("GET", "/orders", bearer(sub="u"), host=host).proxy == "orders"
+
+
+@pytest.mark.parametrize("host", ["orders.example.com@evil", "orders..example.com", "orders.example.com:x"])
+def test_a_host_without_a_single_reading_is_refused(host: str) -> None:
+    d = check("GET", "/orders", bearer(sub="u"), host=host)
+    assert (d.allowed, d.status, d.code) == (False, 400, "bad_request")
+
+
+@pytest.mark.parametrize("method, target, status", [
+    ("TRACE", "/orders", 405), ("PROPFIND", "/orders", 405), ("GET", "/orders%00", 400),
+    ("POST", "/orders?_method=TRACE", 405), ("GET", "/healthz%2F..%2Forders", 403),
+])
+def test_methods_and_paths_that_cannot_be_decided_safely_are_refused(method: str, target: str, status: int) -> None:
+    d = check(method, target, bearer(sub="u"), {"proxy": "orders"})
+    assert (d.allowed, d.status) == (False, status)

@@ -69,3 +69,28 @@ def test_authorization_header_is_not_a_source_here(stack: Stack) -> None:
 def test_untrusted_provider_of_another_proxy_is_refused(stack: Stack) -> None:
     token = stack.idp.token(sub="user-1", iss="https://forwarding.example")
     assert stack.request("GET", "/x", headers={"x-api-token": token}).status == 401
+
+
+@pytest.mark.parametrize("target, headers", [
+    ("/x?access_token={other}", {"x-api-token": "{token}"}),
+    ("/x?access%5Ftoken={other}&keep=1", {"x-api-token": "{token}"}),
+    ("/x?%61ccess_token={other}&ACCESS_TOKEN={other}", {"x-api-token": "{token}"}),
+    ("/x?access_token={token}&access_token={other}", {}),
+    ("/x", {"x-api-token": "{token}", "cookie": "session={other}; Session={other}; theme=dark"}),
+    ("/x", {"cookie": "session={token}", "x_api_token": "{other}"}),
+])
+def test_every_token_source_is_stripped_not_only_the_one_used(
+    stack: Stack, target: str, headers: dict[str, str],
+) -> None:
+    """A second token (any source, any spelling of its name) is one the sidecar never verified."""
+    token, other = stack.idp.token(sub="user-1"), stack.idp.token(sub="user-2")
+    fill = {"token": token, "other": other}
+    r = stack.request("GET", target.format(**fill), headers={k: v.format(**fill) for k, v in headers.items()})
+    assert r.status == 200, r.body
+    seen = stack.last_upstream_request()
+    upstream_bytes = seen["path"] + repr(seen["headers"])
+    assert token not in upstream_bytes and other not in upstream_bytes, seen
+    if "keep=1" in target:
+        assert "keep=1" in seen["path"]
+    if "theme=dark" in headers.get("cookie", ""):
+        assert seen["headers"]["cookie"] == "theme=dark"

@@ -13,11 +13,12 @@ from typing import Any
 import brotli
 import pytest
 
+from extauthz.core.handoff import Handoff
 from extauthz.demo.upstream import ORDERS
 from extauthz.filtering.codec import Unfilterable, decode, parse, serialize
 from extauthz.filtering.engine import apply_filters, bind
 from extauthz.filtering.pipeline import filter_body
-from extauthz.filtering.scope import Action, Caller, ResponseHead, plan
+from extauthz.filtering.scope import Action, ResponseHead, plan
 from extauthz.policy.loader import load_filter, parse_policy
 
 # Seed 003 step 6, pasted as published (JSON, including the escaped dot).
@@ -389,20 +390,20 @@ proxies:
 JSON_HEADERS = {"content-type": "application/json; charset=utf-8", "content-length": "100"}
 
 
-def caller(**overrides: Any) -> Caller:
+def caller(**overrides: Any) -> Handoff:
     metadata: dict[str, Any] = {
-        "decisionId": "d-1", "proxy": "api", "policy": POLICY.digest, "sub": "me",
-        "claims": {"sub": "me", "plan": {"tier": 2.0}},
-        "filterVariables": [{"callerSub": "me", "tier": "2", "tenant": "acme", "sub": "me"}],
+        "v": "1", "decisionId": "d-1", "proxy": "api", "policy": POLICY.digest,
+        "methods": ["GET"], "paths": ["/v1/orders"], "host": "api",
+        "filterValues": [{"callerSub": "me", "tier": "2", "tenant": "acme", "sub": "me"}],
     }
     metadata.update(overrides)
-    found = Caller.from_metadata(metadata)
+    found = Handoff.from_metadata(metadata)
     assert found is not None
     return found
 
 
 def head(**overrides: Any) -> ResponseHead:
-    fields: dict[str, Any] = {"method": "GET", "path": "/v1/orders", "status": 200, "headers": JSON_HEADERS}
+    fields: dict[str, Any] = {"status": 200, "headers": JSON_HEADERS}
     fields.update(overrides)
     return ResponseHead(**fields)
 
@@ -414,11 +415,37 @@ def test_in_scope_json_response_is_buffered_with_the_check_phase_variables() -> 
     assert filter_body(p, json.dumps(doc).encode()).body == b'{"orders":[{"userId":"me"}],"tier2":1,"tenantacme":1}'
 
 
-@pytest.mark.parametrize("overrides", [
-    {"method": "POST"}, {"path": "/v1/orders/1"}, {"status": 404}, {"from_upstream": False},
+@pytest.mark.parametrize("request_fields, response_fields", [
+    ({"methods": ["POST"]}, {}), ({"paths": ["/v1/orders/1"]}, {}), ({}, {"status": 404}),
+    ({}, {"from_upstream": False}),
 ])
-def test_out_of_scope_responses_stream_through(overrides: dict[str, Any]) -> None:
-    assert plan(POLICY, caller(), head(**overrides)).action is Action.PASS
+def test_out_of_scope_responses_stream_through(request_fields: dict[str, Any], response_fields: dict[str, Any]) -> None:
+    assert plan(POLICY, caller(**request_fields), head(**response_fields)).action is Action.PASS
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"methods": ["HEAD"]}, {"methods": ["OPTIONS"]}, {"methods": ["POST", "GET"]},
+    {"paths": ["/v1/orders/"]}, {"paths": ["/v1/orders;x=1", "/v1/orders"]},
+])
+def test_every_reading_of_the_request_is_in_scope(request_fields: dict[str, Any]) -> None:
+    """HEAD/OPTIONS read as GET, a method override counts, any path reading, trailing slash or not."""
+    assert plan(POLICY, caller(**request_fields), head()).action is Action.BUFFER
+
+
+@pytest.mark.parametrize("response_fields", [
+    {"status": 206}, {"status": 404, "headers": {**JSON_HEADERS, "content-range": "bytes 0-9/100"}},
+    {"status": 416, "headers": {"content-range": "bytes */100"}},
+])
+def test_partial_responses_to_a_filtered_request_are_blocked_whatever_the_status_scope(
+    response_fields: dict[str, Any],
+) -> None:
+    p = plan(POLICY, caller(), head(**response_fields))
+    assert (p.action, p.code) == (Action.BLOCK, "partial_content")
+
+
+def test_a_handoff_of_another_version_counts_as_none() -> None:
+    assert Handoff.from_metadata({**caller().to_metadata(), "v": "2"}) is None
+    assert Handoff.from_metadata(caller().to_metadata()) == caller()
 
 
 @pytest.mark.parametrize("headers, code", [
@@ -434,21 +461,23 @@ def test_unfilterable_responses_are_blocked_on_their_headers(headers: dict[str, 
 
 
 def test_head_response_loses_its_content_length() -> None:
-    assert plan(POLICY, caller(), head(method="HEAD", end_of_stream=True)).action is Action.STRIP_LENGTH
+    assert plan(POLICY, caller(methods=["HEAD"]), head(end_of_stream=True)).action is Action.STRIP_LENGTH
 
 
 def test_response_without_identity_is_blocked_when_any_filter_could_apply() -> None:
     assert plan(POLICY, None, head()).code == "no_identity"
     assert plan(POLICY, caller(proxy="gone"), head()).code == "no_identity"
-    assert plan(POLICY, None, head(path="/elsewhere")).action is Action.PASS
+    # Envoy's request attributes narrow it down when configured; without them every filter might apply.
+    assert plan(POLICY, None, head(method="GET", path="/elsewhere")).action is Action.PASS
+    assert plan(POLICY, None, head(method="GET", path="/v1/orders/")).code == "no_identity"
 
 
-def test_after_a_reload_only_claims_and_envoy_attributes_are_trusted() -> None:
-    stale = caller(policy="older-digest", filterVariables=[{"callerSub": "someone-else", "tier": "9"}])
+def test_after_a_reload_the_checks_values_are_not_trusted() -> None:
+    stale = caller(policy="older-digest", filterValues=[{"callerSub": "someone-else", "tier": "9"}])
     p = plan(POLICY, stale, head())
     doc = {"orders": [{"userId": "me"}, {"userId": "someone-else"}], "tier2": 1, "tier9": 1, "tenantacme": 1}
-    # callerSub and tier (2.0 in the Struct, spelled 2) from the claims; the header variable is unresolved.
-    assert filter_body(p, json.dumps(doc).encode()).body == b'{"orders":[{"userId":"me"}],"tier2":1}'
+    # The index may name another filter now: every variable is unresolved, which shows less.
+    assert filter_body(p, json.dumps(doc).encode()).body == b'{"orders":[]}'
 
 
 def test_bodies_over_the_limit_or_incomplete_are_unfilterable() -> None:

@@ -9,28 +9,33 @@ This module knows nothing about gRPC or protobuf: the ext_authz servicer, the CL
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from extauthz.core.claims import ANONYMOUS, Claims
 from extauthz.core.decision import Decision, Mutations
-from extauthz.core.mutations import upstream_mutations
+from extauthz.core.handoff import Handoff
+from extauthz.core.mutations import Stripping, upstream_mutations
+from extauthz.core.normalize import REFUSED_METHODS, STANDARD_METHODS, method_matches
 from extauthz.core.request import HttpRequest
 from extauthz.core.rules import NoRelationships, RelationshipResolver, evaluate
+from extauthz.core.scope import request_in_scope
 from extauthz.core.variables import resolve
-from extauthz.identity.tokens import find_token
+from extauthz.identity.tokens import FoundToken, find_token
 from extauthz.identity.verifier import TokenError, Verifier
-from extauthz.policy.model import Effect, Mode, Policy, Proxy
-
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+from extauthz.policy.model import Effect, Mode, Policy, Proxy, TokenSource
 
 
 def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
-    """Envoy's per-route ``context_extensions[proxy]``, else the host, else the default."""
+    """Envoy's per-route ``context_extensions[proxy]``, else the host, else the default.
+
+    Hosts compare after normalisation (case, port, trailing dot), so
+    ``ADMIN.example.test.:443`` picks the same proxy as ``admin.example.test``.
+    """
     named = request.context.get("proxy")
     if named:
         return policy.proxy_named(named)  # a named but unknown proxy never falls back
-    host = request.host.lower().rsplit(":", 1)[0] if request.host else ""
+    host = request.host_name
     for proxy in policy.proxies:
         if host and host in proxy.hosts:
             return proxy
@@ -38,6 +43,24 @@ def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
         if proxy.default:
             return proxy
     return policy.proxies[0] if len(policy.proxies) == 1 else None
+
+
+@dataclass(frozen=True)
+class _ProxyFacts:
+    """Per-proxy lookups computed once per policy, so a Check only reads them."""
+
+    sources: tuple[TokenSource, ...]
+    stripping: Stripping
+    named_methods: frozenset[str]
+    """Methods outside the standard set that some rule or public path names explicitly."""
+
+    @classmethod
+    def of(cls, policy: Policy, proxy: Proxy) -> _ProxyFacts:
+        sources = tuple(s for name in proxy.providers for s in policy.providers[name].sources)
+        named: set[str] = set()
+        for methods in (*(r.methods for r in proxy.rules), *(p.methods for p in proxy.public_paths)):
+            named.update(methods or ())
+        return cls(sources, Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS))
 
 
 class Authorizer:
@@ -48,6 +71,7 @@ class Authorizer:
         self.policy = policy
         self.verifier = verifier
         self.relationships = relationships or NoRelationships()
+        self._facts: Mapping[str, _ProxyFacts] = {p.name: _ProxyFacts.of(policy, p) for p in policy.proxies}
 
     async def check(self, request: HttpRequest) -> Decision:
         """Decide one request; the decision names this authorizer's policy digest."""
@@ -55,20 +79,33 @@ class Authorizer:
 
     async def _decide(self, request: HttpRequest) -> Decision:
         decision_id = str(uuid.uuid4())
+        if request.host_name is None:
+            return Decision(False, 400, "bad_request", f"host {request.host!r} has no single reading", decision_id)
         proxy = select_proxy(self.policy, request)
         if proxy is None:
             return Decision(False, 403, "no_policy", "no proxy matches this request "
                             f"(context proxy={request.context.get('proxy')!r}, host={request.host!r})",
                             decision_id)
+        views = request.views
+        if views is None:
+            return Decision(False, 400, "bad_request", "the path or a method override has no single reading "
+                            f"({request.method} {request.path!r})", decision_id, proxy.name)
+        facts = self._facts[proxy.name]
+        for view in views:
+            if view.method in REFUSED_METHODS or (
+                view.method not in STANDARD_METHODS and view.method not in facts.named_methods
+            ):
+                return Decision(False, 405, "method_not_allowed",
+                                f"method {view.method} is refused unless a rule names it", decision_id, proxy.name)
         # Public paths skip authentication, but the sidecar's headers are still enforced.
         for public in proxy.public_paths:
-            if (public.methods is None or request.method in public.methods) and public.path.search(request.path):
-                return self._allow(proxy, request, ANONYMOUS, None, decision_id,
+            if all((public.methods is None or method_matches(public.methods, v.method)) and public.path.search(v.path)
+                   for v in views):
+                return self._allow(proxy, facts, request, ANONYMOUS, None, decision_id,
                                    f"public path {public.path.source!r}", forward_token=True)
 
         # Identity phase.
-        providers = [self.policy.providers[name] for name in proxy.providers]
-        found = find_token(request, (s for p in providers for s in p.sources))
+        found = find_token(request, facts.sources)
         if found is None:
             return self._unauthenticated(proxy, decision_id, TokenError("token_missing", "no token in request"))
         try:
@@ -83,7 +120,7 @@ class Authorizer:
             if rule else f"default {proxy.default_effect.value}"
         if verdict.effect is Effect.DENY:
             if proxy.mode is Mode.MONITOR:
-                decision = self._allow(proxy, request, claims, found, decision_id, why,
+                decision = self._allow(proxy, facts, request, claims, found, decision_id, why,
                                        forward_token=self.policy.providers[claims.provider].forward_token)
                 # Allowed, but counted and logged apart from real allows (code would_deny).
                 return replace(decision, code="would_deny", rule=rule, monitored=True, trace=verdict.trace)
@@ -91,30 +128,38 @@ class Authorizer:
                             trace=verdict.trace)
 
         # Response phase.
-        decision = self._allow(proxy, request, claims, found, decision_id, why,
+        decision = self._allow(proxy, facts, request, claims, found, decision_id, why,
                                forward_token=self.policy.providers[claims.provider].forward_token)
         return replace(decision, rule=rule, trace=verdict.trace)
 
     def _allow(
-        self, proxy: Proxy, request: HttpRequest, claims: Claims, found: Any,
+        self, proxy: Proxy, facts: _ProxyFacts, request: HttpRequest, claims: Claims, found: FoundToken | None,
         decision_id: str, why: str, forward_token: bool,
     ) -> Decision:
-        mutations = upstream_mutations(proxy, request, claims, found, forward_token)
-        return Decision(
-            True, 200, "allowed", why, decision_id, proxy.name, None, claims, mutations,
-            metadata=self._metadata(proxy, request, claims, decision_id),
-        )
+        handoff = self._handoff(proxy, request, claims, decision_id)
+        filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
+                       for f in proxy.filters)
+        mutations = upstream_mutations(proxy, request, claims, found, forward_token, facts.stripping, filtered)
+        return Decision(True, 200, "allowed", why, decision_id, proxy.name, None, claims, mutations,
+                        metadata=handoff.to_metadata())
 
-    def _metadata(self, proxy: Proxy, request: HttpRequest, claims: Claims, decision_id: str) -> dict[str, Any]:
-        """What the response phase needs: the verified identity and each filter's variables."""
-        return {
-            "decisionId": decision_id,
-            "proxy": proxy.name,
-            "policy": self.policy.digest,
-            "sub": claims.sub or "",
-            "claims": dict(claims.payload),
-            "filterVariables": [resolve(f.variables, request, claims) for f in proxy.filters],
-        }
+    def _handoff(self, proxy: Proxy, request: HttpRequest, claims: Claims, decision_id: str) -> Handoff:
+        """What the response phase needs: the request's readings and each filter's variables.
+
+        A variable whose value differs between readings of the request is left
+        out (unresolved), so the filter resolves towards showing less.
+        """
+        views = request.views or (request,)
+        values: list[dict[str, str]] = []
+        for flt in proxy.filters:
+            per_view = [resolve(flt.variables, view, claims) for view in views]
+            values.append({k: v for k, v in per_view[0].items() if all(o.get(k) == v for o in per_view[1:])})
+        return Handoff(
+            decision_id=decision_id, proxy=proxy.name, policy=self.policy.digest,
+            methods=tuple(dict.fromkeys(v.method for v in views)), paths=tuple(dict.fromkeys(v.path for v in views)),
+            host=request.host_name or "",
+            filter_values=tuple(values),
+        )
 
     def _unauthenticated(self, proxy: Proxy, decision_id: str, error: TokenError) -> Decision:
         if error.status != 401:

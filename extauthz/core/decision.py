@@ -19,6 +19,8 @@ MESSAGES = {
     "forbidden": "access to this resource is denied",
     "keys_unavailable": "authentication is temporarily unavailable",
     "no_policy": "no policy covers this request",
+    "bad_request": "the request cannot be read unambiguously",
+    "method_not_allowed": "this method is not allowed",
     "internal_error": "authorization failed",
 }
 

@@ -1,38 +1,86 @@
 """Upstream header mutations on allow (POLICY §5).
 
-The caller's token is removed (unless the provider forwards it), the target
-credential is set, identity headers are set from verified claims, and every
-identity header the sidecar owns is overwritten or removed, so a client-sent copy
-can never reach the upstream.
+Nothing the caller sent that belongs to the sidecar reaches the upstream:
+
+* every token source of the proxy's providers is stripped, not only the one
+  the token was read from (a second token in a cookie or a query parameter,
+  under any spelling of its name, is a token the sidecar never verified); the
+  verified token stays only when its provider forwards it;
+* every identity header the sidecar owns is overwritten or removed, and so is
+  any look-alike spelling of it or of a token header (``x_auth_sub`` reads as
+  ``X-Auth-Sub`` to CGI/WSGI servers);
+* ``Range`` and ``If-Range`` are dropped when a response filter may apply, so
+  the upstream answers with a whole document that can be filtered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from extauthz.core.claims import Claims
 from extauthz.core.decision import Mutations
 from extauthz.core.request import HttpRequest
-from extauthz.identity.tokens import FoundToken, without_cookie
-from extauthz.policy.model import Proxy
+from extauthz.identity.tokens import FoundToken, without_cookies
+from extauthz.policy.model import Proxy, TokenSource
+
+RANGE_HEADERS = ("range", "if-range")
+
+
+@dataclass(frozen=True)
+class Stripping:
+    """Per proxy, computed once per policy: what a caller may have sent that must not go upstream."""
+
+    sources: tuple[TokenSource, ...]
+    token_headers: frozenset[str]
+    cookies: frozenset[str]
+    """Lower case: frameworks differ on cookie-name case, so every case is removed."""
+    query: frozenset[str]
+    """Lower case, decoded names."""
+    owned_headers: frozenset[str]
+    """Header names the sidecar sets or strips; their ``_`` spellings are look-alikes."""
+
+    @classmethod
+    def of(cls, proxy: Proxy, sources: Iterable[TokenSource]) -> Stripping:
+        sources = tuple(sources)
+        token_headers = frozenset(s.header for s in sources if s.header)
+        owned = set(token_headers) | {h.name for h in proxy.upstream.identity_headers}
+        if proxy.upstream.target_credential is not None:
+            owned.add(proxy.upstream.target_credential.header)
+        return cls(
+            sources=sources,
+            token_headers=token_headers,
+            cookies=frozenset(s.cookie.lower() for s in sources if s.cookie),
+            query=frozenset(s.query.lower() for s in sources if s.query),
+            owned_headers=frozenset(owned),
+        )
 
 
 def upstream_mutations(
-    proxy: Proxy, request: HttpRequest, claims: Claims, token: FoundToken | None, forward_token: bool
+    proxy: Proxy, request: HttpRequest, claims: Claims, token: FoundToken | None, forward_token: bool,
+    stripping: Stripping, strip_range: bool,
 ) -> Mutations:
     set_headers: dict[str, str] = {}
-    remove: list[str] = []
-    remove_query: list[str] = []
-    if token is not None and not forward_token:
-        source = token.source
-        if source.header:
-            remove.append(source.header)
-        elif source.cookie:
-            rest = without_cookie(request.headers.get("cookie", ""), source.cookie)
+    kept = token.source if token is not None and forward_token else None
+    remove = [h for h in stripping.token_headers if kept is None or h != kept.header]
+    remove.extend(_look_alikes(request, stripping.owned_headers))
+    if strip_range:
+        remove.extend(h for h in RANGE_HEADERS if h in request.headers)
+    if stripping.cookies and "cookie" in request.headers:
+        keep_cookie = kept.cookie if kept is not None else ""
+        rest = without_cookies(request.headers["cookie"], stripping.cookies - {keep_cookie.lower()})
+        if rest != request.headers["cookie"]:
             if rest:
                 set_headers["cookie"] = rest
             else:
                 remove.append("cookie")
-        elif source.query:
-            remove_query.append(source.query)
+    remove_query: list[str] = []
+    keep_query = kept.query.lower() if kept is not None else ""
+    for name, spellings in request.raw_query_names.items():
+        lowered = name.lower()
+        if lowered in stripping.query and lowered != keep_query:
+            # Envoy removes by the name as it appears in the URL; send the decoded name too.
+            remove_query.extend(dict.fromkeys((*spellings, name)))
     credential = proxy.upstream.target_credential
     if credential is not None:
         set_headers[credential.header] = credential.prefix + credential.value
@@ -48,5 +96,13 @@ def upstream_mutations(
     return Mutations(tuple(set_headers.items()), tuple(remove), tuple(remove_query))
 
 
+def _look_alikes(request: HttpRequest, owned: frozenset[str]) -> list[str]:
+    """Request headers that differ from an owned name only by ``_`` for ``-``."""
+    if not owned:
+        return []
+    return [name for name in request.headers if "_" in name and name.replace("_", "-") in owned]
+
+
 def _safe_header_value(value: str) -> bool:
-    return all(c == "\t" or 0x20 <= ord(c) < 0x7F or ord(c) > 0x9F for c in value)
+    return all(c == "\t" or 0x20 <= ord(c) < 0x7F or (ord(c) > 0x9F and not 0xD800 <= ord(c) <= 0xDFFF)
+               for c in value)

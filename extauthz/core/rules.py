@@ -12,6 +12,12 @@ default allow they cannot change the outcome). Deny lookups run only when the
 outcome would otherwise be allow (when nothing allows, a deny changes nothing).
 Each of the two steps hands all its conditions to the resolver at once, so a
 decision costs at most two round trips and the backend can batch them.
+
+A request may read differently to the service than to Envoy (a decoded path,
+a method override; see :mod:`extauthz.core.normalize`). A rule's conditions
+are evaluated on every reading: a deny rule matches if it matches any of them,
+an allow rule only if it matches all, so no reading is weaker than another. A
+relationship question is only asked when every reading names the same object.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from extauthz.core.claims import Claims
+from extauthz.core.normalize import method_matches
 from extauthz.core.request import HttpRequest
 from extauthz.core.variables import resolve
 from extauthz.policy.model import Effect, Presence, Proxy, Rule
@@ -85,7 +92,7 @@ def _presence(found: bool, presence: Presence) -> bool:
 
 def _cheap(rule: Rule, request: HttpRequest, claims: Claims) -> tuple[bool | None, str, dict[str, str]]:
     """Evaluate every non-relationship condition; (result, reason, variable values)."""
-    if rule.methods is not None and request.method not in rule.methods:
+    if rule.methods is not None and not method_matches(rule.methods, request.method):
         return False, f"method {request.method} not in {sorted(rule.methods)}", {}
     values = resolve(rule.variables, request, claims)
     unresolved: list[str] = []
@@ -120,15 +127,41 @@ def _cheap(rule: Rule, request: HttpRequest, claims: Claims) -> tuple[bool | Non
     return True, "all conditions match", values
 
 
+def _on_every_reading(
+    rule: Rule, views: tuple[HttpRequest, ...], claims: Claims
+) -> tuple[bool | None, str, dict[str, str]]:
+    """Combine the readings: a deny holds on any of them, an allow only on all of them."""
+    first = _cheap(rule, views[0], claims)
+    if len(views) == 1:
+        return first
+    results = [first, *(_cheap(rule, view, claims) for view in views[1:])]
+    decisive = rule.effect is Effect.DENY  # the value one reading alone settles
+    for (result, reason, values), view in zip(results, views, strict=True):
+        if result is decisive:
+            return result, f"{reason} [as {view.method} {view.path}]", values
+    for (result, reason, values), view in zip(results, views, strict=True):
+        if result is None:
+            return result, f"{reason} [as {view.method} {view.path}]", values
+    # A relationship question names one object: FGA through the variables, AuthZEN
+    # through the method and path themselves.
+    if (rule.fga is not None and any(values != first[2] for _, _, values in results)) or rule.authzen is not None:
+        return None, "unresolved: the readings of the request name different objects", first[2]
+    return first
+
+
 async def evaluate(
     proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
 ) -> Verdict:
+    """Decide on every reading of ``request``; one without a single reading is denied."""
+    views = request.views
+    if views is None:
+        return Verdict(Effect.DENY, None, ())
     trace: list[RuleTrace] = []
     deny: Rule | None = None
     allow: Rule | None = None
     pending: list[tuple[Rule, dict[str, str]]] = []
     for rule in proxy.rules:
-        result, reason, values = _cheap(rule, request, claims)
+        result, reason, values = _on_every_reading(rule, views, claims)
         if result is None:
             # Fail closed: unresolved matches a deny rule and never an allow rule.
             result = rule.effect is Effect.DENY

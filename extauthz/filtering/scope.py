@@ -7,8 +7,13 @@ a filter applies to but that could never be filtered (not JSON, an unknown
 content-encoding, a declared length over the limit) are blocked here, before a
 single body byte is buffered.
 
-Identity comes only from the Check phase (ext_authz dynamic metadata, which a
-client cannot write), never from response or request headers.
+Identity and the request come only from the Check phase (the :class:`Handoff`
+in ext_authz dynamic metadata, which a client cannot write), never from
+response or request headers. A filter applies to a request when its methods
+cover the method (HEAD and OPTIONS read as GET) and its path scope matches any
+reading of the path, with or without a trailing slash. A partial response
+(206, ``content-range``) to such a request is blocked: a fragment cannot be
+filtered as a document.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
 
-from extauthz.core.claims import Claims
+from extauthz.core.handoff import Handoff
+from extauthz.core.scope import request_in_scope
 from extauthz.filtering.codec import content_encodings, unsupported
 from extauthz.filtering.engine import BoundFilter, bind
-from extauthz.policy.model import Filter, Policy, VariableSource
+from extauthz.policy.model import Policy
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -31,65 +36,28 @@ REPRESENTATION_HEADERS = ("content-encoding", "etag", "content-md5", "digest", "
 
 
 @dataclass(frozen=True)
-class Caller:
-    """The verified identity the Check phase handed over through Envoy dynamic metadata."""
-
-    decision_id: str
-    proxy: str
-    policy_digest: str
-    claims: Mapping[str, Any]
-    filter_variables: tuple[Mapping[str, str], ...] = ()
-
-    @classmethod
-    def from_metadata(cls, data: Mapping[str, Any]) -> Caller | None:
-        """Read the authorizer's metadata (see ``Authorizer._metadata``); None when it is not there.
-
-        Numbers went through a protobuf Struct (all doubles), so integral floats
-        are turned back into ints: a claim ``"tier": 2`` must still spell ``2``.
-        """
-        proxy = data.get("proxy")
-        if not isinstance(proxy, str) or not proxy:
-            return None
-        raw_claims = data.get("claims")
-        claims = _ints(raw_claims) if isinstance(raw_claims, Mapping) else {}
-        variables: list[Mapping[str, str]] = []
-        raw_variables = data.get("filterVariables")
-        for entry in raw_variables if isinstance(raw_variables, list) else []:
-            values = entry if isinstance(entry, Mapping) else {}
-            variables.append(MappingProxyType({str(k): v for k, v in values.items() if isinstance(v, str)}))
-        return cls(
-            decision_id=str(data.get("decisionId") or ""),
-            proxy=proxy,
-            policy_digest=str(data.get("policy") or ""),
-            claims=claims,
-            filter_variables=tuple(variables),
-        )
-
-
-def _ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, Mapping):
-        return {str(k): _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
-
-
-@dataclass(frozen=True)
 class ResponseHead:
-    """What the response-headers message tells about one exchange (all from Envoy, none from the client)."""
+    """What the response-headers message tells about one exchange (all from Envoy, none from the client).
 
-    method: str
-    path: str
-    """Without the query string, as rules and filter scopes match it."""
+    The request is known from the Check's :class:`Handoff`; ``method`` and
+    ``path`` here are Envoy's optional request attributes, used only to decide
+    whether a response with no hand-off could be one a filter applies to.
+    """
+
     status: int
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     """Lower-case names."""
-    host: str = ""
     end_of_stream: bool = False
     from_upstream: bool = True
     """False for a reply Envoy generated itself (a denial, an error): it holds no upstream data."""
+    method: str = ""
+    path: str = ""
+    """Empty when Envoy did not send request attributes."""
+
+    @property
+    def partial(self) -> bool:
+        """A fragment of a representation: filtering it as a document would misread it."""
+        return self.status == 206 or "content-range" in self.headers
 
 
 class Action(StrEnum):
@@ -117,46 +85,6 @@ class Plan:
     detail: str = ""
 
 
-def filter_values(flt: Filter, caller: Caller | None, policy: Policy, head: ResponseHead) -> Mapping[str, str]:
-    """The variable values the Check phase resolved for this filter.
-
-    If the policy was reloaded since that Check (the digest differs), the old
-    values may belong to a different filter at this index, so they are rebuilt
-    from what is still trustworthy: ``jwtClaim`` variables from the verified
-    claims, the built-ins ``sub``/``method``/``host``/``path`` from the claims and
-    Envoy's view of the request. Header, query and path-segment variables stay
-    unresolved, which makes the operations that use them restrictive.
-    """
-    if caller is None:
-        return _EMPTY
-    if caller.policy_digest == policy.digest and flt.index < len(caller.filter_variables):
-        return caller.filter_variables[flt.index]
-    claims = Claims.of(caller.claims)
-    values = {"method": head.method, "host": head.host, "path": head.path}
-    if claims.sub is not None:
-        values["sub"] = claims.sub
-    for variable in flt.variables:
-        value = claims.lookup(variable.key) if variable.source is VariableSource.JWT_CLAIM else None
-        if value is None:
-            values.pop(variable.name, None)
-        else:
-            values[variable.name] = value
-    return values
-
-
-def in_scope(flt: Filter, head: ResponseHead, values: Mapping[str, str]) -> bool:
-    """Does this filter apply to this response? A path scope with an unresolved variable does (fail closed)."""
-    if flt.methods is not None and head.method not in flt.methods:
-        return False
-    if flt.statuses is not None and head.status not in flt.statuses:
-        return False
-    if flt.path is not None:
-        compiled = flt.path.bind(values)
-        if compiled is not None and compiled.search(head.path) is None:
-            return False
-    return True
-
-
 def is_json(content_type: str | None) -> bool:
     """``application/json`` or any ``+json`` media type, parameters ignored."""
     if not content_type:
@@ -165,44 +93,59 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def plan(policy: Policy, caller: Caller | None, head: ResponseHead) -> Plan:
+def plan(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
     """What to do with this response, decided on its headers alone."""
     if not head.from_upstream:
         return Plan(Action.PASS)
-    proxy = policy.proxy_named(caller.proxy) if caller is not None else None
-    if proxy is None:
-        # No verified identity for this exchange (ext_authz did not run, or its proxy
-        # is gone after a reload): any filter that might apply blocks it.
-        for candidate in (f for p in policy.proxies for f in p.filters):
-            if in_scope(candidate, head, _EMPTY):
-                return Plan(Action.BLOCK, caller.proxy if caller else "", caller.decision_id if caller else "",
-                            code="no_identity", detail="no verified identity for a filtered response")
-        return Plan(Action.PASS)
+    proxy = policy.proxy_named(handoff.proxy) if handoff is not None else None
+    if proxy is None or handoff is None:
+        return _without_handoff(policy, handoff, head)
     filters: list[BoundFilter] = []
     for flt in proxy.filters:
-        values = filter_values(flt, caller, policy, head)
-        if in_scope(flt, head, values):
+        values = handoff.values_for(flt.index, policy.digest)
+        if not request_in_scope(flt, handoff.methods, handoff.paths, values):
+            continue
+        if head.partial:
+            # Whatever the status scope says: a fragment cannot be filtered as a document.
+            return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="partial_content",
+                        detail=f"a {head.status} partial response to a filtered request")
+        if flt.statuses is None or head.status in flt.statuses:
             filters.append(bind(flt, values))
-    assert caller is not None
-    base = Plan(Action.PASS, proxy.name, caller.decision_id)
+    base = Plan(Action.PASS, proxy.name, handoff.decision_id)
     if not filters:
         return base
     limit = policy.server.max_body_bytes
     if head.end_of_stream:
-        if head.method == "HEAD" and "content-length" in head.headers:
-            return Plan(Action.STRIP_LENGTH, proxy.name, caller.decision_id)
+        if "content-length" in head.headers:  # HEAD, or a body-less answer: the length would tell
+            return Plan(Action.STRIP_LENGTH, proxy.name, handoff.decision_id)
         return base
     encodings = content_encodings(head.headers.get("content-encoding"))
     bad = unsupported(encodings)
     if bad is not None:
-        return Plan(Action.BLOCK, proxy.name, caller.decision_id, code="unsupported_encoding",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="unsupported_encoding",
                     detail=f"content-encoding {bad!r} cannot be decoded")
     if not is_json(head.headers.get("content-type")):
-        return Plan(Action.BLOCK, proxy.name, caller.decision_id, code="not_json",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="not_json",
                     detail=f"content-type {head.headers.get('content-type')!r} is not JSON")
     declared = head.headers.get("content-length", "").strip()
     length = int(declared) if declared.isdigit() else None
     if length is not None and length > limit:
-        return Plan(Action.BLOCK, proxy.name, caller.decision_id, code="too_large",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="too_large",
                     detail=f"content-length {declared} exceeds the limit of {limit}")
-    return Plan(Action.BUFFER, proxy.name, caller.decision_id, tuple(filters), encodings, limit, length)
+    return Plan(Action.BUFFER, proxy.name, handoff.decision_id, tuple(filters), encodings, limit, length)
+
+
+def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
+    """No verified request for this exchange (ext_authz did not run, or its proxy is gone after a reload).
+
+    Any filter that might apply blocks the response. Envoy's request
+    attributes narrow "might" when they are configured; without them every
+    filter might.
+    """
+    proxy, decision_id = (handoff.proxy, handoff.decision_id) if handoff is not None else ("", "")
+    methods, paths = ((head.method,), (head.path,)) if head.method and head.path else ((), ())
+    for flt in (f for p in policy.proxies for f in p.filters):
+        if not paths or request_in_scope(flt, methods, paths, _EMPTY):
+            return Plan(Action.BLOCK, proxy, decision_id, code="no_identity",
+                        detail="no verified request for a response a filter may apply to")
+    return Plan(Action.PASS)

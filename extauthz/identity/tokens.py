@@ -45,7 +45,8 @@ def find_token(request: HttpRequest, sources: Iterable[TokenSource]) -> FoundTok
     return None
 
 
-def without_cookie(header: str, name: str) -> str:
-    """The Cookie header with one cookie removed (the caller's token must not go upstream)."""
-    kept = [p.strip() for p in header.split(";") if p.strip() and p.strip().partition("=")[0] != name]
-    return "; ".join(kept)
+def without_cookies(header: str, lowered_names: Iterable[str]) -> str:
+    """The Cookie header without the named cookies, in any case and every repeat (tokens must not go upstream)."""
+    names = frozenset(lowered_names)
+    kept = [p.strip() for p in header.split(";") if p.strip()]
+    return "; ".join(p for p in kept if p.partition("=")[0].strip().lower() not in names)

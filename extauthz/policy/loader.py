@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extauthz.core.normalize import normalize_host
 from extauthz.policy.errors import Issue, PolicyError
 from extauthz.policy.model import (
     AuthzenBackend,
@@ -732,12 +733,24 @@ def _proxy(ctx: _Ctx, path: str, line: int, value: object, providers: set[str], 
         default_effect=default_effect,
         rules=tuple(rules),
         filters=tuple(filters),
-        hosts=tuple(str(v).lower() for _, _, v in p.items("hosts")),
+        hosts=tuple(_hosts(ctx, p)),
         public_paths=tuple(_each(ctx, p, "publicPaths", public)),
         upstream=_upstream(ctx, upstream_obj) if upstream_obj else Upstream(),
         mode=p.enum("mode", Mode, Mode.ENFORCE),
         default=p.get("default", bool, False),
     )
+
+
+def _hosts(ctx: _Ctx, p: _Obj) -> list[str]:
+    """Hosts in the form requests are compared in (lower case, no port, no trailing dot)."""
+    hosts: list[str] = []
+    for host_path, host_line, value in p.items("hosts"):
+        host = normalize_host(str(value))
+        if not host:
+            ctx.error(host_line, host_path, f"{value!r} is not a host name (e.g. api.example.com)")
+        else:
+            hosts.append(host)
+    return hosts
 
 
 def _backend_auth(ctx: _Ctx, obj: _Obj | None) -> BackendAuth:

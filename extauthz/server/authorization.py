@@ -105,9 +105,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         try:
             http = to_request(request)
             decision = await self._authorizer().check(http)
+            response = to_response(decision)
         except Exception as exc:
             log.exception("check_failed", error=f"{type(exc).__name__}: {exc}")
             decision = internal_error(f"{type(exc).__name__}: {exc}")
+            response = to_response(decision)
         elapsed = time.perf_counter() - started
         metrics.check_latency.observe(elapsed)
         metrics.decisions.labels(
@@ -115,4 +117,4 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             str(decision.rule.index) if decision.rule else "default",
         ).inc()
         log_decision(decision, http, int(elapsed * 1_000_000))
-        return to_response(decision)
+        return response

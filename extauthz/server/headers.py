@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# Where the Check's hand-off travels: ext_authz writes its dynamic metadata under its
+# own filter name, and ext_proc's metadata_options forwards that namespace.
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
 
 def header_map(headers: Any) -> dict[str, str]:
     """Lower-case name -> value; repeated lines are joined as an HTTP list (two content-encoding

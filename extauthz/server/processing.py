@@ -43,13 +43,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
-from extauthz.core.authorizer import METADATA_NAMESPACE
+from extauthz.core.handoff import Handoff
 from extauthz.filtering.codec import Unfilterable
 from extauthz.filtering.pipeline import filter_body
-from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Caller, Plan, ResponseHead, plan
+from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Plan, ResponseHead, plan
 from extauthz.observability import metrics
 from extauthz.policy.model import Policy
-from extauthz.server.headers import header_map
+from extauthz.server.headers import METADATA_NAMESPACE, header_map
 
 log = structlog.get_logger("extauthz.extproc")
 
@@ -73,6 +73,7 @@ _MESSAGES = {
     "too_large": "the response is too large to be filtered for this caller",
     "invalid_json": "the response could not be filtered for this caller (invalid JSON)",
     "no_identity": "the response could not be filtered: no verified identity",
+    "partial_content": "a partial response cannot be filtered for this caller; request the whole resource",
     "filter_error": "the response could not be filtered for this caller",
 }
 
@@ -83,29 +84,29 @@ def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
     return dict(json_format.MessageToDict(message.attributes[ATTRIBUTES_NAMESPACE]))
 
 
-def _caller(message: pb.ProcessingRequest) -> Caller | None:
+def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
+    """The Check phase's verified view of this exchange's request, if Envoy forwarded it."""
     namespaces = message.metadata_context.filter_metadata
     if METADATA_NAMESPACE not in namespaces:
         return None
     struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
-    return Caller.from_metadata(json_format.MessageToDict(struct))
+    return Handoff.from_metadata(json_format.MessageToDict(struct))
 
 
 def to_head(message: pb.ProcessingRequest) -> ResponseHead:
-    """The response as Envoy describes it: status and headers, plus request attributes Envoy supplies."""
+    """The response as Envoy describes it: status and headers, plus the request attributes it may send."""
     headers = header_map(message.response_headers.headers)
     attributes = _attributes(message)
     target = str(attributes.get("request.path") or "")
     details = attributes.get("response.code_details")
     return ResponseHead(
-        method=str(attributes.get("request.method") or "").upper(),
-        path=target.split("?", 1)[0],
         status=int(headers.get(":status", "0") or 0),
         headers=headers,
-        host=str(attributes.get("request.host") or ""),
         end_of_stream=message.response_headers.end_of_stream,
         # Absent details mean a misconfigured Envoy: treat the response as upstream data (fail closed).
         from_upstream=details is None or details == "via_upstream",
+        method=str(attributes.get("request.method") or "").upper(),
+        path=target.split("?", 1)[0],
     )
 
 
@@ -169,7 +170,7 @@ class _Exchange:
         return _continue(phase)
 
     def _on_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        self.plan = plan(self.policy, _caller(message), to_head(message))
+        self.plan = plan(self.policy, to_handoff(message), to_head(message))
         action = self.plan.action
         if action is Action.BUFFER:
             mode = BUFFER_CHUNKED_BODY if self.plan.declared_length is None else BUFFER_SIZED_BODY
