@@ -121,8 +121,10 @@ def add_route(config: dict[str, Any], header_value: str, cluster: str | None, po
 
 
 def ext_proc_filter(config: dict[str, Any]) -> dict[str, Any]:
+    """The ext_proc filter itself, inside the matcher that runs it only for filtered responses."""
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    found: dict[str, Any] = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    wrapper = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    found: dict[str, Any] = wrapper["typed_config"]["extension_config"]
     return found
 
 
@@ -185,9 +187,19 @@ def test_a_non_matching_route_arrives_byte_identical_and_unbuffered(stack: Stack
     assert len(body) > 3 << 20
     stack.upstream.routes["/v1/products/export"] = (200, {"content-type": "application/json"}, body)
     before = ext_proc_messages(stack)
-    r = stack.request("GET", "/v1/products/export", token("user-123"))
+    r = stack.request("GET", "/v1/products/export", token("user-123"), headers={"x-extauthz-filter": "1"})
     assert r.status == 200 and r.body == body
-    assert ext_proc_messages(stack) - before == 1  # the response headers only, never the body
+    assert ext_proc_messages(stack) - before == 0  # no filter applies: no ext_proc stream at all
+    assert "x-extauthz-filter" not in stack.last_upstream_request()["headers"]
+
+
+def test_only_filtered_responses_open_an_ext_proc_stream(stack: Stack, token: Any) -> None:
+    """A client cannot skip filtering by removing or faking the marker header the Check sets."""
+    before = ext_proc_messages(stack)
+    r = stack.request("GET", "/v1/orders", token("user-123"), headers={"x-extauthz-filter": "0"})
+    assert r.json() == USER_123_VIEW
+    assert ext_proc_messages(stack) - before == 2  # response headers, then the body
+    assert "x-extauthz-filter" not in stack.last_upstream_request()["headers"]
 
 
 def test_head_does_not_tell_the_unfiltered_size(stack: Stack, token: Any) -> None:
