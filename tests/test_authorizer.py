@@ -88,8 +88,11 @@ def test_public_path_skips_authentication_but_not_method_scope() -> None:
 
 def test_allow_mutations() -> None:
     d = check("GET", "/orders", bearer(sub="u-1", org={"id": "o-9"}), {"proxy": "orders"})
-    assert dict(d.mutations.set_headers) == {"x-api-key": "k-123", "x-auth-sub": "u-1", "x-auth-org": "o-9"}
-    assert d.mutations.remove_headers == ("authorization", "x-extauthz-filter")  # no filter: no ext_proc
+    assert dict(d.mutations.set_headers) == {
+        "x-api-key": "k-123", "x-auth-sub": "u-1", "x-auth-org": "o-9",
+        "x-extauthz-unfiltered": "1",  # no filter applies: Envoy opens no ext_proc stream
+    }
+    assert d.mutations.remove_headers == ("authorization",)
     assert d.metadata["proxy"] == "orders" and d.metadata["paths"] == ["/orders"]
     assert d.metadata["decisionId"] == d.decision_id
     assert "claims" not in d.metadata  # the response phase gets resolved values, never the claim set

@@ -11,9 +11,10 @@ Nothing the caller sent that belongs to the sidecar reaches the upstream:
   ``X-Auth-Sub`` to CGI/WSGI servers);
 * ``Range`` and ``If-Range`` are dropped when a response filter may apply, so
   the upstream answers with a whole document that can be filtered;
-* :data:`FILTER_MARKER` is set when a response filter may apply and removed
-  otherwise, so Envoy opens an ext_proc stream only for those responses and a
-  client-sent copy can neither force nor skip one.
+* :data:`UNFILTERED_MARKER` is set when no response filter can apply and
+  removed otherwise, so Envoy skips the ext_proc stream for those responses
+  only; a client-sent copy can neither skip nor force one, and a request that
+  lost the header is filtered (fail closed).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from extauthz.identity.tokens import FoundToken, without_cookies
 from extauthz.policy.model import Proxy, TokenSource
 
 RANGE_HEADERS = ("range", "if-range")
-FILTER_MARKER = "x-extauthz-filter"
-"""Envoy's ext_proc filter runs only when this request header is ``1`` (envoy/envoy.yaml)."""
+UNFILTERED_MARKER = "x-extauthz-unfiltered"
+"""Envoy skips its ext_proc filter when this request header is ``1`` (envoy/envoy.yaml)."""
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,12 @@ def upstream_mutations(
     proxy: Proxy, request: HttpRequest, claims: Claims, token: FoundToken | None, forward_token: bool,
     stripping: Stripping, filtered: bool,
 ) -> Mutations:
-    set_headers: dict[str, str] = {FILTER_MARKER: "1"} if filtered else {}
+    set_headers: dict[str, str] = {} if filtered else {UNFILTERED_MARKER: "1"}
     kept = token.source if token is not None and forward_token else None
     remove = [h for h in stripping.token_headers if kept is None or h != kept.header]
     remove.extend(_look_alikes(request, stripping.owned_headers))
     if filtered:
-        remove.extend(h for h in RANGE_HEADERS if h in request.headers)
-    else:
-        remove.append(FILTER_MARKER)
+        remove.extend((*(h for h in RANGE_HEADERS if h in request.headers), UNFILTERED_MARKER))
     if stripping.cookies and "cookie" in request.headers:
         keep_cookie = kept.cookie if kept is not None else ""
         rest = without_cookies(request.headers["cookie"], stripping.cookies - {keep_cookie.lower()})
