@@ -21,6 +21,7 @@ providers:
 proxies:
   - name: orders-api
     rules: [{effect: allow}]
+server: {drainSeconds: 1}
 """
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -115,11 +116,11 @@ def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes]
     raise TimeoutError(f"port {port} not open after {timeout}s")
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10) -> None:
-    """SIGTERM (so servers drain), then SIGKILL if it is still there after ``grace`` seconds."""
+def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10, sig: int = signal.SIGTERM) -> None:
+    """``sig`` (SIGTERM: servers drain), then SIGKILL if it is still there after ``grace`` seconds."""
     if process is None or process.poll() is not None:
         return
-    process.terminate()
+    process.send_signal(sig)
     try:
         process.wait(grace)
     except subprocess.TimeoutExpired:
@@ -209,4 +210,5 @@ class Sidecar:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        stop_process(self.process, grace=15)
+        """SIGINT: in-flight requests finish, without the Kubernetes drain wait of SIGTERM."""
+        stop_process(self.process, grace=15, sig=signal.SIGINT)

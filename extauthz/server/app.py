@@ -28,6 +28,9 @@ from extauthz.server.validation import parse_address, parse_admin_address
 
 log = structlog.get_logger("extauthz.server")
 
+# After the drain (or at once on SIGINT), how long Checks and streams already in flight may take.
+_IN_FLIGHT_GRACE_SECONDS = 2.0
+
 SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
@@ -94,11 +97,15 @@ class Server:
                 last = status
             await asyncio.sleep(0.5)
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, let in-flight Checks finish within ``grace``, then close."""
+    async def not_ready(self) -> None:
+        """Report NOT_SERVING for good (draining); RPCs are still answered."""
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new RPCs, let those in flight finish within ``grace``, then close."""
+        await self.not_ready()
         if self.admin is not None:
             await self.admin.stop(0)
         await self.grpc.stop(grace)
@@ -114,8 +121,14 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT; command-line addresses override the policy's ``server`` block.
 
-    SIGHUP reloads the policy at once (outside Kubernetes, after an edit); the
-    watcher does the same by itself within ``watch_interval`` (0 turns it off).
+    SIGTERM drains the way Kubernetes needs it: the sidecar reports not-ready at
+    once (gRPC health, ``/readyz``) so traffic moves away, but keeps answering
+    Checks and ext_proc streams, new ones included, for ``server.drainSeconds``
+    while Envoy still sends them (every response of a filtered request needs a
+    new stream), then lets what is in flight finish and exits. SIGINT (Ctrl-C)
+    skips the wait. SIGHUP reloads the policy at once (outside Kubernetes, after
+    an edit); the watcher does the same by itself within ``watch_interval`` (0
+    turns it off).
     """
     sidecar = await Sidecar.start(config)
     settings = sidecar.runtime.policy.server
@@ -138,9 +151,10 @@ async def serve(
         watcher = PolicyWatcher(config, sidecar.reload, lambda: sidecar.runtime.policy.digest, watch_interval)
         watcher.start()
     stop = asyncio.Event()
+    drain = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, lambda: (drain.set(), stop.set()))
     pending: set[asyncio.Task[object]] = set()
 
     def reload_now() -> None:
@@ -150,12 +164,16 @@ async def serve(
 
     loop.add_signal_handler(signal.SIGHUP, reload_now)
     await stop.wait()
-    grace = sidecar.runtime.policy.server.drain_seconds
-    log.info("draining", grace_seconds=grace)
+    drain_seconds = sidecar.runtime.policy.server.drain_seconds if drain.is_set() else 0.0
+    log.info("draining", drain_seconds=drain_seconds, signal="SIGTERM" if drain.is_set() else "SIGINT")
     if watcher is not None:
         await watcher.stop()
     if http is not None:
         http.draining = True
-    await server.stop(grace)
+    await server.not_ready()
+    if drain_seconds:
+        await asyncio.sleep(drain_seconds)  # still answering: Envoy may send until it drains too
+    await server.stop(_IN_FLIGHT_GRACE_SECONDS)
+    log.info("stopped")
     if http is not None:
         await http.stop()
