@@ -150,3 +150,11 @@ def test_kubelet_swaps_under_traffic_and_a_broken_policy_keeps_the_old_one(tmp_p
         assert stack.metric("extauthz_policy_info", digest=digest(v2)) == 1.0
         assert stack.metric("extauthz_policy_info", digest=digest(v1)) is None
         assert stack.metric("extauthz_policy_reloads_total", result="ok") == 1.0
+
+        # Rolled back to the content that runs: the alert and the status clear, nothing is reloaded.
+        kubelet_update(mount, {"policy.yaml": v2}, version=4)
+        wait_until(lambda: stack.metric("extauthz_policy_file_rejected") == 0.0, "the rejection to clear")
+        status = stack.readyz()
+        assert status["lastReload"]["result"] == "unchanged" and status["lastReload"]["errors"] == []
+        assert status["policy"]["digest"] == digest(v2)
+        assert stack.metric("extauthz_policy_reloads_total", result="ok") == 1.0

@@ -18,7 +18,8 @@ Every ``interval`` the watcher stats the resolved target (cheap); when that
 changed it reads the file and hashes it with the loader's digest; when the digest
 differs from the running policy it asks the sidecar to reload. A broken version is
 reported once and then left alone until the file changes again; a version whose
-signing keys could not be fetched is retried with backoff.
+signing keys could not be fetched is retried with backoff. When the file goes back
+to the running content (a rollback), the failure is cleared.
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ class PolicyWatcher:
         if digest is None:
             return None
         if digest == self._running_digest():
+            # Back to what runs (e.g. a broken ConfigMap rolled back): a reported failure is
+            # cleared through the sidecar, so its status and gauge say the file is in sync.
+            recovered = self._refused_digest is not None
             self._forget_failure()
-            return None
+            return await self._reload() if recovered else None
         if digest == self._refused_digest and not retry_due:
             return None  # the same broken content, e.g. touched or re-linked: already reported
         outcome = await self._reload()

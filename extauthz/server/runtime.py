@@ -141,6 +141,10 @@ class Sidecar:
                 return self._refused(ReloadOutcome.INVALID, "", [str(i) for i in exc.issues])
             if policy.digest == self.runtime.policy.digest:
                 metrics.policy_rejected.set(0)
+                if self.last_reload is not None and not self.last_reload.outcome.ok:
+                    self.last_reload = ReloadReport(ReloadOutcome.UNCHANGED, _now(), policy.digest)
+                    log.info("policy_file_in_sync", file=str(self.path), digest=policy.digest,
+                             detail="the file is back to the running policy; the earlier failure is cleared")
                 return ReloadOutcome.UNCHANGED
             started = time.perf_counter()
             try:
