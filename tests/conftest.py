@@ -9,7 +9,7 @@ import pytest
 from tests.openfga_server import OpenFgaServer, journeys_server
 from tests.redis_server import RedisServer, any_redis
 
-# --- relationships (issue 4) ---------------------------------------------------
+# --- relationships (OpenFGA, Redis) ---------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,8 @@ def fga() -> Iterator[OpenFgaServer]:
 @pytest.fixture
 def fga_spec_clean(fga: OpenFgaServer) -> Iterator[None]:
     """Each test starts without earlier calls or scripted answers, and every request the client sent
-    in it must have matched the published spec. Modules opt in with ``pytest.mark.usefixtures``."""
+    in it must have matched the published spec (only its shape when the spec is not at hand, see
+    tests/openfga_server.py). Modules opt in with ``pytest.mark.usefixtures``."""
     fga.calls.clear()
     fga.script.clear()
     yield

@@ -1,11 +1,14 @@
 """A local server speaking OpenFGA's HTTP API (Check, BatchCheck), strict about what it accepts.
 
-Every request body is validated against the published spec
-(``shared/openfga/apidocs.swagger.json``), made stricter in one way: unknown
-fields are rejected. The real server discards them, which is exactly how a
-misspelt ``contextualTuples`` would silently drop tuples; here it fails the test.
-Requests that break the spec are answered 400 and recorded in ``invalid``, and
-the tests assert that list stays empty.
+Every request body is validated against OpenFGA's published API description
+(``apidocs.swagger.json``, reference data kept beside this repository, not in
+it: see ``SWAGGER``), made stricter in one way: unknown fields are rejected. The
+real server discards them, which is exactly how a misspelt ``contextualTuples``
+would silently drop tuples; here it fails the test. Requests that break the spec
+are answered 400 and recorded in ``invalid``, and the tests assert that list
+stays empty. Without the description the server still answers, but it can only
+check the shape it reads (the fields it needs, as strings); the tests that are
+about the published API itself skip then (``has_published_api``, ``NO_PUBLISHED_API``).
 
 Answers come from an in-memory tuple set evaluated with the model's rewrite
 semantics (direct, computed userset, tuple-to-userset, union, intersection,
@@ -41,7 +44,9 @@ from urllib.parse import parse_qs
 import jsonschema
 import yaml
 
+# OpenFGA's published HTTP API description: reference data beside the repository (CI always has it).
 SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "openfga" / "apidocs.swagger.json"
+NO_PUBLISHED_API = "needs OpenFGA's API description in ../shared/openfga (reference data outside this repository)"
 FGA_DIR = Path(__file__).resolve().parent / "fga"
 JOURNEYS_MODEL = FGA_DIR / "journeys.fga"
 JOURNEYS_STORE = FGA_DIR / "journeys.fga.yaml"  # the journeys tuples and expected answers (`fga model test`)
@@ -116,6 +121,42 @@ class Spec:
         validator = self.validators[route]
         return [f"{'/'.join(map(str, e.absolute_path)) or '<body>'}: {e.message}"
                 for e in validator.iter_errors(body)]
+
+
+def _tuple_key_errors(where: str, key: Any) -> list[str]:
+    if not isinstance(key, dict):
+        return [f"{where}: must be an object"]
+    return [f"{where}/{name}: must be a string" for name in ("user", "relation", "object")
+            if not isinstance(key.get(name), str)]
+
+
+def shape_errors(operation: str, body: Any) -> list[str]:
+    """What this server cannot read in a Check or BatchCheck body (all it checks without the published spec)."""
+    if not isinstance(body, dict):
+        return ["<body>: must be an object"]
+    items = [("", body)] if operation == "check" else None
+    if items is None:
+        checks = body.get("checks")
+        if not isinstance(checks, list) or not checks:
+            return ["checks: must be a non-empty array"]
+        items = [(f"checks/{i}/", item) for i, item in enumerate(checks)]
+    errors: list[str] = []
+    for prefix, item in items:
+        if not isinstance(item, dict):
+            errors.append(f"{prefix or '<body>'}: must be an object")
+            continue
+        errors += _tuple_key_errors(f"{prefix}tuple_key", item.get("tuple_key"))
+        if operation == "batch-check" and not isinstance(item.get("correlation_id"), str):
+            errors.append(f"{prefix}correlation_id: must be a string")
+        contextual = item.get("contextual_tuples")
+        if contextual is not None:
+            keys = contextual.get("tuple_keys", []) if isinstance(contextual, dict) else None
+            if not isinstance(keys, list):
+                errors.append(f"{prefix}contextual_tuples/tuple_keys: must be an array")
+            else:
+                for i, key in enumerate(keys):
+                    errors += _tuple_key_errors(f"{prefix}contextual_tuples/tuple_keys/{i}", key)
+    return errors
 
 
 # --- model semantics -----------------------------------------------------------
@@ -234,14 +275,18 @@ class Call:
 
 
 class OpenFgaServer:
-    """Check and BatchCheck for one store and one model; ``calls`` counts what reached it."""
+    """Check and BatchCheck for one store and one model; ``calls`` counts what reached it.
+
+    Requests are validated against ``spec`` (by default the published one, when it is at hand); with
+    ``validate=False``, or without the published spec, only their shape is checked (``shape_errors``).
+    """
 
     def __init__(
         self, model: dict[str, Any] | None = None, tuples: Iterable[Tuple] = (), store_id: str | None = None,
         model_id: str | None = None, api_token: str | None = None, host: str = "127.0.0.1", port: int = 0,
-        spec: Spec | None = None,
+        spec: Spec | None = None, validate: bool = True,
     ) -> None:
-        self.spec = spec or Spec()
+        self.spec = (spec or published_spec()) if validate else None
         self.store_id = store_id or new_ulid()
         self.model = Model(model or transform_model(), model_id or new_ulid())
         self.tuples: set[Tuple] = set(tuples)
@@ -336,7 +381,7 @@ class OpenFgaServer:
             self.invalid.append(f"{path}: body is not JSON (content-type {content_type!r})")
             return _error(400, "validation_error", "invalid request body")
         route = f"/stores/{{store_id}}/{operation}"
-        errors = self.spec.errors(route, body)
+        errors = self.spec.errors(route, body) if self.spec is not None else shape_errors(operation, body)
         if operation == "batch-check" and not errors:
             ids = [c["correlation_id"] for c in body["checks"]]
             errors += [f"correlation_id {i!r} is not valid" for i in ids if not _CORRELATION_ID.match(i)]
@@ -515,8 +560,13 @@ def journeys_model() -> dict[str, Any]:
 
 
 @functools.cache
-def published_spec() -> Spec:
-    return Spec()
+def published_spec() -> Spec | None:
+    """OpenFGA's published spec, read once; None when the description is not at hand."""
+    return Spec() if SWAGGER.is_file() else None
+
+
+def has_published_api() -> bool:
+    return SWAGGER.is_file()
 
 
 def journeys_server(api_token: str | None = None) -> OpenFgaServer:
