@@ -1,4 +1,4 @@
-"""Response filtering through a real Envoy on the shipped config (POLICY §4, issue 3).
+"""Response filtering through a real Envoy on the shipped config (docs/response-filtering.md).
 
 One stack serves most cases: the sample policy (seed 003's filter on GET
 /v1/orders) with a 256 KiB body limit. Responses come from the sample upstream

@@ -1,4 +1,4 @@
-"""The response filter engine, codec and header-time decisions (POLICY §4), without Envoy."""
+"""The response filter engine, codec and header-time decisions (docs/response-filtering.md), without Envoy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of the filter engine (POLICY §4), checked on generated documents and filters.
+"""Properties of the filter engine (docs/response-filtering.md), checked on generated documents and filters.
 
 Filters are generated as policy objects and loaded through the real loader; the
 checks below re-derive what may appear with Python's ``re`` on the generated

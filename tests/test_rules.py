@@ -1,4 +1,4 @@
-"""Rule semantics of POLICY §2, one behaviour per test, on the pure decision core."""
+"""Rule semantics of docs/policy.md, one behaviour per test, on the pure decision core."""
 
 from __future__ import annotations
 

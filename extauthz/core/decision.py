@@ -27,7 +27,7 @@ MESSAGES = {
 
 @dataclass(frozen=True)
 class Mutations:
-    """What changes on the way upstream when a request is allowed (POLICY §5)."""
+    """What changes on the way upstream when a request is allowed (docs/policy.md, ``upstream``)."""
 
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()

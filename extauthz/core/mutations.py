@@ -1,4 +1,4 @@
-"""Upstream header mutations on allow (POLICY §5).
+"""Upstream header mutations on allow (docs/policy.md, ``upstream``).
 
 Nothing the caller sent that belongs to the sidecar reaches the upstream:
 

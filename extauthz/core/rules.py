@@ -1,4 +1,4 @@
-"""Rule evaluation (POLICY §2): priority order, deny wins, default effect, fail closed.
+"""Rule evaluation (docs/policy.md, Rules): priority order, deny wins, default effect, fail closed.
 
 Conditions are three-valued: true, false, or unresolved (a variable that could not
 be resolved, a relationship backend that failed). Unresolved counts as matched in

@@ -1,7 +1,7 @@
 """Resolve a rule's or filter's variables against the request and the verified claims.
 
 A variable that cannot be resolved is simply absent from the result; whatever
-uses it then fails closed (POLICY §2), so there is no "empty string" fallback
+uses it then fails closed (docs/policy.md), so there is no "empty string" fallback
 that could widen a pattern.
 """
 

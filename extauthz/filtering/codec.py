@@ -1,7 +1,7 @@
 """Bytes <-> JSON for response filtering: content-encoding, size limits, parse, serialise.
 
 Every failure is an :class:`Unfilterable` with a stable code; the adapter turns
-it into a 502 and the original bytes are never passed on (POLICY §4).
+it into a 502 and the original bytes are never passed on (docs/response-filtering.md).
 
 JSON library: orjson (Rust, strict RFC 8259: rejects NaN/Infinity, lone
 surrogates, invalid UTF-8) parses and serialises several times faster than the

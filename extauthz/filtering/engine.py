@@ -1,4 +1,4 @@
-"""The response filter engine (POLICY §4): shape one parsed JSON document for one caller.
+"""The response filter engine (docs/response-filtering.md): shape one parsed JSON document for one caller.
 
 Pure on purpose: no protobuf, no I/O. The ext_proc adapter, the tests and the
 benchmark all call :func:`bind` once per response (variables in, compiled

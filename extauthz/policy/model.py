@@ -2,7 +2,7 @@
 
 Everything the hot path needs (compiled patterns, sorted rules, resolved
 secrets) is prepared here at load time, so a request only reads these objects.
-Field names mirror the camelCase policy file; see POLICY.md for semantics.
+Field names mirror the camelCase policy file; docs/policy.md is the reference.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TupleTemplate:
 
 @dataclass(frozen=True)
 class FgaCondition:
-    """A relationship question asked of OpenFGA (POLICY §3)."""
+    """A relationship question asked of OpenFGA (docs/relationships.md)."""
 
     user: Template
     relation: Template
@@ -101,7 +101,7 @@ class FgaCondition:
 
 @dataclass(frozen=True)
 class AuthzenCondition:
-    """An AuthZEN evaluation with the API-gateway profile (POLICY §3)."""
+    """An AuthZEN evaluation with the API-gateway profile (docs/relationships.md)."""
 
     backend: str
     presence: Presence = Presence.MUST_EXIST

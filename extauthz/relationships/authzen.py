@@ -1,6 +1,6 @@
 """OpenID AuthZEN Access Evaluation (``POST {pdp}/access/v1/evaluation``) with the API-gateway profile.
 
-The profile (POLICY §3, as the AuthZEN interop gateways send it): the subject is
+The profile (docs/relationships.md, as the AuthZEN interop gateways send it): the subject is
 ``{type: identity, id: <verified sub>}``, the action is ``{name: <HTTP method>}``
 and the resource is ``{type: route, id: <route template>, properties}``. The PDP
 decides on the route template (``/todos/{todoId}``), never the concrete URL, so

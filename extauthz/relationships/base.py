@@ -1,7 +1,7 @@
 """What every relationship backend answers: a boolean, or a :class:`Failure` naming why not.
 
 A failure is never an exception on the hot path: the resolver turns it into an
-unresolved condition (fail closed, POLICY §2), one log line and one metric
+unresolved condition (fail closed, docs/policy.md), one log line and one metric
 labelled with the backend and the cause, and it is never cached.
 """
 

@@ -3,7 +3,7 @@
 Every request carries the policy's pinned ``authorization_model_id``: OpenFGA then
 skips resolving the latest model, and a model change is an explicit policy change
 rather than something a write to the store can do behind the sidecar's back.
-Bodies follow ``shared/openfga/apidocs.swagger.json`` field for field (snake_case
+Bodies follow OpenFGA's published HTTP API description field for field (snake_case
 ``tuple_key``, ``contextual_tuples.tuple_keys``, ``correlation_id``), and the
 tests' local server rejects anything else, so a misspelt field cannot be dropped
 silently. An answer is used only if it is exactly the documented shape;

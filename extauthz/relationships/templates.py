@@ -3,7 +3,7 @@
 A value interpolated into a tuple string comes from the caller (a path segment,
 a header) or from a token, and OpenFGA's tuple syntax gives ``:`` and ``#`` a
 meaning: ``journey:{{id}}`` with an id of ``x#viewer`` would name a userset, not
-an object. POLICY §3 therefore rejects any value that contains whitespace, ``#``,
+an object. The policy language (docs/relationships.md) therefore rejects any value that contains whitespace, ``#``,
 ``:`` or a control character, either as received or after one percent-decoding
 (an application behind Envoy may decode ``%3A`` into ``:``). A rejected value
 makes the condition unresolved, which fails closed. Values are interpolated as
@@ -29,7 +29,7 @@ _FORBIDDEN = re.compile(r"[\s#:\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u206
 
 
 def valid_value(value: str) -> bool:
-    """POLICY §3: non-empty, and no whitespace, ``#``, ``:`` or control character, also once decoded."""
+    """Non-empty, and no whitespace, ``#``, ``:`` or control character, also once decoded."""
     if not value or _FORBIDDEN.search(value) is not None:
         return False
     return "%" not in value or _FORBIDDEN.search(unquote(value, errors="replace")) is None
