@@ -11,8 +11,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+PORT ?= 8080
+IDP_PORT ?= 8090
+
 demo: $(VENV)/.installed
-	$(BIN)/extauthz demo
+	$(BIN)/extauthz demo --port $(PORT) --idp-port $(IDP_PORT)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check extauthz tests bench

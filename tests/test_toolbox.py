@@ -206,7 +206,7 @@ def test_validate_rejects_what_the_server_would_reject_and_serve_agrees(
 
     served = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(policy)],
                             capture_output=True, text=True, timeout=60, check=False)
-    assert served.returncode == 2
+    assert served.returncode == 3  # Exit.POLICY: the server rejects the same file
     for line in expected:
         assert line in served.stderr
 

@@ -149,6 +149,7 @@ class Envoy:
 
     def stop(self) -> None:
         stop_process(self.process)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the rendered config; logs live elsewhere
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=5) as r:

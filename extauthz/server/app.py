@@ -7,6 +7,7 @@ optional TLS/mTLS listener credentials and the optional loopback admin service.
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
 from extauthz.server.runtime import Sidecar
 from extauthz.server.tls import CertificateReloader, server_credentials
-from extauthz.server.validation import parse_address, parse_admin_address
+from extauthz.server.validation import ListenError, parse_address, parse_admin_address, probe_listen
 
 log = structlog.get_logger("extauthz.server")
 
@@ -38,7 +39,7 @@ class Server:
     def __init__(self, sidecar: Sidecar, address: str, admin_address: str = "") -> None:
         self.sidecar = sidecar
         self.address = address
-        parse_address(address)  # a clear error before gRPC's own
+        probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
         )
@@ -63,6 +64,7 @@ class Server:
         self.admin: grpc.aio.Server | None = None
         if admin_address:
             parse_admin_address(admin_address)
+            probe_listen(admin_address, "admin, server.adminAddress")
             from extauthz.admin.service import add_admin_service
 
             self.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -141,7 +143,12 @@ async def serve(
         if http_address:
             listen = parse_address(http_address, unix=False)
             http = ObservabilityServer(listen.host, listen.port, metrics.REGISTRY, sidecar.readiness)
-            await http.start()
+            try:
+                await http.start()
+            except OSError as exc:
+                reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise ListenError(f"cannot listen on {http_address} (metrics, server.metricsAddress): "
+                                  f"{reason}") from None
         await server.start()
     except BaseException:
         await sidecar.close()
@@ -154,7 +161,12 @@ async def serve(
     drain = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, lambda: (drain.set(), stop.set()))
+
+    def on_sigterm() -> None:
+        drain.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     pending: set[asyncio.Task[object]] = set()
 
     def reload_now() -> None:

@@ -9,9 +9,11 @@ the server would reject, and every issue names ``file:line: field``.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,28 @@ def parse_address(spec: str, unix: bool = True) -> ListenAddress:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"must be HOST:PORT{' or unix:/PATH' if unix else ''}, found {spec!r}")
     return ListenAddress(spec, host=host, port=int(port))
+
+
+class ListenError(OSError):
+    """An address the server cannot listen on; the message names it and says why."""
+
+
+def probe_listen(spec: str, what: str) -> None:
+    """Bind and release a TCP address first, so a busy port is one clear line, not gRPC's traceback.
+
+    Raises :class:`ListenError`. Unix sockets are left to the server (a stale
+    socket file is replaced there).
+    """
+    address = parse_address(spec)
+    if address.is_unix:
+        return
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address.host, address.port))
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {spec} ({what}): {reason}") from None
 
 
 def parse_admin_address(spec: str) -> ListenAddress:

@@ -1,0 +1,77 @@
+"""Every operator mistake gets one clear line naming what is wrong, and an exit code of its own."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extauthz.cli import Exit, main
+
+POLICY = """providers:
+  - {name: idp, issuer: https://idp.example, jwksUri: "http://127.0.0.1:1/jwks", audiences: [api]}
+proxies:
+  - {name: api, rules: [{effect: allow}]}
+"""
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def serve(tmp_path: Path, *args: str, policy: str | None = POLICY, name: str = "policy.yaml",
+          ) -> subprocess.CompletedProcess[str]:
+    if policy is not None:
+        (tmp_path / name).write_text(policy)
+    return subprocess.run(
+        [sys.executable, "-m", "extauthz", "serve", "--config", str(tmp_path / name), *args],
+        check=False, capture_output=True, text=True, timeout=30,
+    )
+
+
+@pytest.mark.parametrize("flag, what", [
+    ("--grpc-address", "gRPC"), ("--metrics-address", "metrics"), ("--admin-address", "admin"),
+])
+def test_a_busy_port_is_one_line_naming_the_address(tmp_path: Path, busy_port: int, flag: str, what: str) -> None:
+    free = ["--grpc-address", "127.0.0.1:0"] if flag != "--grpc-address" else []
+    done = serve(tmp_path, *free, flag, f"127.0.0.1:{busy_port}")
+    assert done.returncode == Exit.ADDRESS, done.stderr
+    line = f"extauthz: cannot serve: cannot listen on 127.0.0.1:{busy_port} ({what}"
+    assert line in done.stderr and "address already in use" in done.stderr
+    assert "Traceback" not in done.stderr and "Failed to bind" not in done.stderr
+
+
+def test_a_missing_policy_file_is_not_an_invalid_policy(tmp_path: Path) -> None:
+    done = serve(tmp_path, policy=None, name="nope.yaml")
+    assert done.returncode == Exit.FILE and "nope.yaml" in done.stderr and "Traceback" not in done.stderr
+    done = serve(tmp_path, policy="providers: []\nproxies: []\nbogus: 1\n", name="bad.yaml")
+    assert done.returncode == Exit.POLICY and "bad.yaml:3: bogus" in done.stderr
+
+
+def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("extauthz ")
+    with pytest.raises(SystemExit) as usage:
+        main(["serve"])
+    assert usage.value.code == Exit.USAGE
+
+
+def test_claims_that_are_not_a_json_object_say_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["explain", "--config", "x.yaml", "GET", "/", "--claims", "sub=user"])
+    assert code == Exit.USAGE
+    assert "--claims takes a JSON object" in capsys.readouterr().err
+
+
+def test_the_demo_names_a_busy_port(busy_port: int, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--port", str(busy_port)]) == Exit.ADDRESS
+    err = capsys.readouterr().err
+    assert f"port {busy_port} (Envoy listener) is not available: already in use" in err and "--port" in err
