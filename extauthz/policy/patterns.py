@@ -8,13 +8,29 @@ that as a policy error instead of silently falling back to a backtracking engine
 A pattern may hold ``{{name}}`` placeholders. Their values are regex-escaped
 before compilation (POLICY §2), so a value of ``.*`` matches only the two
 characters ``.*``. Patterns without placeholders are compiled once at load time;
-interpolated ones are compiled once per distinct value through a bounded cache.
+interpolated ones are compiled once per distinct value through a cache.
+
+Those values come from the request (path segments, headers, claims), and an RE2
+program costs memory in proportion to its length: a flood of distinct 40 KB
+path segments once grew the sidecar by ~280 KB per request. So memory is
+bounded twice. A value longer than ``MAX_VALUE_LENGTH`` (1024) characters makes
+``Pattern.bind`` return None: the pattern is unresolved, which fails closed
+(matched in a deny rule, not matched in an allow rule, restrictive in a filter).
+No legitimate id comes near it (a UUID is 36 characters, an e-mail address or a
+DNS name at most 254). And the cache of compiled patterns is bounded by an
+estimate of their bytes (``CACHE_BUDGET_BYTES``), not by their count.
+
+``Template.render`` has no such cap: a rendered template is a string used for
+one request (an FGA tuple, an identity header), not a compiled program kept in
+a cache, so its memory ends with the request; relationship templates validate
+their values on their own (``extauthz.relationships.templates``).
 """
 
 from __future__ import annotations
 
-import functools
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,9 +61,92 @@ def compile_regex(source: str) -> CompiledRegex:
     return compiled
 
 
-@functools.lru_cache(maxsize=8192)
-def _compile_cached(source: str) -> CompiledRegex:
-    return compile_regex(source)
+MAX_VALUE_LENGTH = 1024
+"""Characters an interpolated value may have before the pattern counts as unresolved."""
+
+CACHE_BUDGET_BYTES = 16 << 20
+"""Estimated bytes of compiled patterns kept; at ~3 KB per short-id pattern, some 5,000 of them.
+
+A miss costs one compile (~50 us for a short pattern, ~75 us at the cap), so a
+smaller cache only costs CPU; the sidecar's memory stays flat whatever it sees.
+"""
+
+# RSS measured per compiled pattern, after one search of a matching path (the
+# search builds RE2's lazy DFA, which is most of the cost), source "^/v1/x/" +
+# value, including the cache's key string:
+#   value chars        36     256    1024   2048   40000
+#   ASCII             2.6K   5.1K   13.5K  21.0K   298K
+#   CJK (3 B/char)    2.8K   6.4K   18.8K
+#   emoji (4 B/char)  3.0K   7.4K   22.8K
+# That is ~2.3 KB per program plus 5-11 bytes per UTF-8 byte of source; the
+# estimate rounds both up so the budget bounds real memory from above.
+_ENTRY_BASE_BYTES = 2560
+_BYTES_PER_SOURCE_BYTE = 12
+
+
+def estimate_bytes(source: str) -> int:
+    """An upper estimate of the memory a compiled ``source`` holds once it has searched."""
+    return _ENTRY_BASE_BYTES + _BYTES_PER_SOURCE_BYTE * len(source.encode("utf-8", "surrogatepass"))
+
+
+class CompiledCache:
+    """Least-recently-used compiled patterns, bounded by estimated bytes rather than by count.
+
+    A count bound is no bound when the attacker chooses the length of each entry.
+    A lock guards the bookkeeping because the filter engine may bind patterns in a
+    worker thread while the event loop binds others; compiling happens outside the
+    lock, so a slow compile never stalls other lookups (two threads missing on one
+    source both compile it, and the first to finish is kept).
+    """
+
+    def __init__(self, budget_bytes: int, estimate: Callable[[str], int] = estimate_bytes) -> None:
+        self.budget_bytes = budget_bytes
+        self._estimate = estimate
+        self._entries: OrderedDict[str, tuple[CompiledRegex, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, source: object) -> bool:
+        return source in self._entries
+
+    def compile(self, source: str) -> CompiledRegex:
+        with self._lock:
+            entry = self._entries.get(source)
+            if entry is not None:
+                self._entries.move_to_end(source)
+                self.hits += 1
+                return entry[0]
+            self.misses += 1
+        compiled = compile_regex(source)
+        size = self._estimate(source)
+        if size > self.budget_bytes:
+            return compiled  # would evict everything else and still not fit
+        with self._lock:
+            entry = self._entries.get(source)
+            if entry is not None:
+                self._entries.move_to_end(source)
+                return entry[0]
+            self._entries[source] = (compiled, size)
+            self._bytes += size
+            while self._bytes > self.budget_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+                self.evictions += 1
+        return compiled
+
+
+compiled_cache = CompiledCache(CACHE_BUDGET_BYTES)
+"""The process-wide cache behind ``Pattern.bind``: one budget for every policy and reload."""
 
 
 def escape(value: str) -> str:
@@ -80,11 +179,20 @@ class Pattern:
         return self._static.search(text) is not None
 
     def bind(self, values: Mapping[str, str]) -> CompiledRegex | None:
-        """The compiled regex for these variable values; None if one is missing."""
+        """The compiled regex for these variable values; None if one is missing or too long.
+
+        A value over ``MAX_VALUE_LENGTH`` is refused before anything is compiled: the
+        caller treats None as unresolved and fails closed, and an attacker's long
+        values never reach RE2 or the cache.
+        """
         if self._static is not None:
             return self._static
+        for name in self.variables:
+            value = values.get(name)
+            if value is None or len(value) > MAX_VALUE_LENGTH:
+                return None
         text = interpolate(self.parts, values, escape)
-        return None if text is None else _compile_cached(text)
+        return None if text is None else compiled_cache.compile(text)
 
 
 @dataclass(frozen=True)
