@@ -260,6 +260,14 @@ def test_an_unresolved_variable_is_unresolved_without_a_call(fga: OpenFgaServer)
     assert fga.calls == []
 
 
+def test_a_value_longer_than_an_openfga_id_is_unresolved_without_a_call(fga: OpenFgaServer) -> None:
+    """Attacker-chosen path segments must not fill the answer cache: 256 characters at most."""
+    doc = policy_document([VIEW], [fga.backend()])
+    assert ask(doc, 0, {"journeyId": "j" * 257}, {"sub": "bob"}) is None
+    assert fga.calls == []
+    assert valid_value("j" * 256)
+
+
 @given(st.text(max_size=12))
 def test_value_validation_matches_the_documented_rule(value: str) -> None:
     from urllib.parse import unquote

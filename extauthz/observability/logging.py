@@ -49,6 +49,15 @@ def configure(fmt: str = "json", level: str = "info") -> None:
 
 decisions = structlog.get_logger("extauthz.decision")
 
+# A path is attacker-chosen and may be tens of kilobytes: the log keeps its head and says how much was cut.
+MAX_LOGGED_PATH = 1024
+
+
+def _loggable(path: str) -> str:
+    if len(path) <= MAX_LOGGED_PATH:
+        return path
+    return f"{path[:MAX_LOGGED_PATH]}...(+{len(path) - MAX_LOGGED_PATH} characters)"
+
 
 def log_decision(decision: Decision, request: HttpRequest, latency_us: int, **extra: Any) -> None:
     """One line per Check.
@@ -68,7 +77,7 @@ def log_decision(decision: Decision, request: HttpRequest, latency_us: int, **ex
         **trace_fields(request.headers),
         proxy=decision.proxy,
         method=request.method,
-        path=request.path,
+        path=_loggable(request.path),
         sub=decision.sub,
         result="allow" if decision.allowed else "deny",
         **monitor,

@@ -28,9 +28,14 @@ from extauthz.relationships.base import INVALID_VALUE, UNRESOLVED_VARIABLE, Unre
 _FORBIDDEN = re.compile(r"[\s#:\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
 
 
+# OpenFGA's own limit for an object (256) and a user (512), type included: a longer value
+# can name nothing, and answers are cached per value, so it must not cost cache memory.
+MAX_VALUE_LENGTH = 256
+
+
 def valid_value(value: str) -> bool:
-    """Non-empty, and no whitespace, ``#``, ``:`` or control character, also once decoded."""
-    if not value or _FORBIDDEN.search(value) is not None:
+    """Non-empty, at most 256 characters, no whitespace, ``#``, ``:`` or control character, also once decoded."""
+    if not value or len(value) > MAX_VALUE_LENGTH or _FORBIDDEN.search(value) is not None:
         return False
     return "%" not in value or _FORBIDDEN.search(unquote(value, errors="replace")) is None
 
