@@ -9,7 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,14 @@ def running_stack(
     files: dict[str, str] | None = None,
     sidecar_env: dict[str, str] | None = None,
     sidecar_args: list[str] | None = None,
+    upstream_factory: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> Iterator[Stack]:
+    """``upstream_factory(port)`` replaces the sample upstream (a context manager serving on ``port``)."""
     ports = Ports.free()
     for name, content in (files or {}).items():
         (workdir / name).write_text(content)
-    with IdentityProvider() as idp, Upstream(port=ports.app) as upstream:
+    make_upstream = upstream_factory or (lambda port: Upstream(port=port))
+    with IdentityProvider() as idp, make_upstream(ports.app) as upstream:
         config = write_policy(workdir, policy, idp)
         sidecar = Sidecar(config, ports.extauthz, env=sidecar_env, log_path=workdir / "sidecar.log",
                           extra=sidecar_args)

@@ -6,8 +6,8 @@ percent-encodings such as ``%3A`` and ``%40``, ``;`` parameters, method
 overrides, a trailing dot or a port on the host. A service may decode or strip
 those, so a rule that only saw Envoy's bytes could be weaker than the service's
 view. This module spells out each reading a service may make; the rule engine
-then holds a deny if it holds for *any* reading, and an allow only if it holds
-for *every* one (see docs/SECURITY.md).
+decides each one and allows the request only if it allows every reading
+(docs/SECURITY.md).
 
 Everything here is pure string work, run once per request and only when the
 request has something to normalise (the common path is a plain comparison).
@@ -71,13 +71,14 @@ def path_views(path: str) -> tuple[str, ...] | None:
        frameworks route on);
     3. that with ``;parameters`` cut from each segment and backslashes read as
        slashes (servlet containers, IIS), dot segments resolved again, so
-       ``/public/..;/admin`` reads as ``/admin``.
+       ``/public/..;/admin`` reads as ``/admin``;
+    4. each of those without a trailing slash (many routers treat ``/x/`` as ``/x``).
 
     A decoding that is not UTF-8, or holds control characters (``%00``, CR, LF),
     has no single reading: the caller refuses the request.
     """
     if "%" not in path and ";" not in path and "\\" not in path and "/." not in path and "//" not in path:
-        return (path,)
+        return (path, path[:-1]) if _trailing_slash(path) else (path,)
     try:
         decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
@@ -87,7 +88,12 @@ def path_views(path: str) -> tuple[str, ...] | None:
     readings = [path, _resolve(decoded)]
     stripped = "/".join(segment.split(";", 1)[0] for segment in decoded.replace("\\", "/").split("/"))
     readings.append(_resolve(stripped))
+    readings.extend([r[:-1] for r in readings if _trailing_slash(r)])
     return tuple(dict.fromkeys(readings))
+
+
+def _trailing_slash(path: str) -> bool:
+    return len(path) > 1 and path.endswith("/")
 
 
 def _resolve(path: str) -> str:

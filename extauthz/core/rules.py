@@ -14,10 +14,10 @@ Each of the two steps hands all its conditions to the resolver at once, so a
 decision costs at most two round trips and the backend can batch them.
 
 A request may read differently to the service than to Envoy (a decoded path,
-a method override; see :mod:`extauthz.core.normalize`). A rule's conditions
-are evaluated on every reading: a deny rule matches if it matches any of them,
-an allow rule only if it matches all, so no reading is weaker than another. A
-relationship question is only asked when every reading names the same object.
+a method override; see :mod:`extauthz.core.normalize`). Every reading is
+decided on its own, and the request is allowed only if every reading is: a
+deny rule that matches any reading denies, and each reading needs an allow of
+its own (relationship questions included, about the object that reading names).
 """
 
 from __future__ import annotations
@@ -127,41 +127,38 @@ def _cheap(rule: Rule, request: HttpRequest, claims: Claims) -> tuple[bool | Non
     return True, "all conditions match", values
 
 
-def _on_every_reading(
-    rule: Rule, views: tuple[HttpRequest, ...], claims: Claims
-) -> tuple[bool | None, str, dict[str, str]]:
-    """Combine the readings: a deny holds on any of them, an allow only on all of them."""
-    first = _cheap(rule, views[0], claims)
-    if len(views) == 1:
-        return first
-    results = [first, *(_cheap(rule, view, claims) for view in views[1:])]
-    decisive = rule.effect is Effect.DENY  # the value one reading alone settles
-    for (result, reason, values), view in zip(results, views, strict=True):
-        if result is decisive:
-            return result, f"{reason} [as {view.method} {view.path}]", values
-    for (result, reason, values), view in zip(results, views, strict=True):
-        if result is None:
-            return result, f"{reason} [as {view.method} {view.path}]", values
-    # A relationship question names one object: FGA through the variables, AuthZEN
-    # through the method and path themselves.
-    if (rule.fga is not None and any(values != first[2] for _, _, values in results)) or rule.authzen is not None:
-        return None, "unresolved: the readings of the request name different objects", first[2]
-    return first
-
-
 async def evaluate(
     proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
 ) -> Verdict:
-    """Decide on every reading of ``request``; one without a single reading is denied."""
+    """Decide every reading of ``request``; it is allowed only if each reading is.
+
+    The first denied reading decides (its trace says which reading it was); a
+    request without a single reading is denied.
+    """
     views = request.views
     if views is None:
         return Verdict(Effect.DENY, None, ())
+    first = await _evaluate(proxy, views[0], claims, relationships)
+    if first.effect is Effect.DENY or len(views) == 1:
+        return first
+    for view in views[1:]:
+        verdict = await _evaluate(proxy, view, claims, relationships)
+        if verdict.effect is Effect.DENY:
+            note = f" [as the service may read it: {view.method} {view.path}]"
+            return Verdict(verdict.effect, verdict.rule,
+                           tuple(RuleTrace(t.rule, t.outcome, t.reason + note) for t in verdict.trace))
+    return first
+
+
+async def _evaluate(
+    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
+) -> Verdict:
     trace: list[RuleTrace] = []
     deny: Rule | None = None
     allow: Rule | None = None
     pending: list[tuple[Rule, dict[str, str]]] = []
     for rule in proxy.rules:
-        result, reason, values = _on_every_reading(rule, views, claims)
+        result, reason, values = _cheap(rule, request, claims)
         if result is None:
             # Fail closed: unresolved matches a deny rule and never an allow rule.
             result = rule.effect is Effect.DENY

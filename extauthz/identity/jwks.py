@@ -4,13 +4,17 @@ Keys come only from the configured source (``jwksUri``, OIDC discovery, a file, 
 inline); header hints (``jku``, ``x5u``, ``jwk``, ``x5c``) are never followed.
 A background task refreshes remote keys; an unknown ``kid`` triggers at most one
 refetch per :data:`UNKNOWN_KID_REFETCH_SECONDS`; when the IdP is down, the last
-good keys keep serving.
+good keys keep serving. A key that a successful fetch no longer lists is reported
+to ``on_keys_removed``, so whatever it verified earlier (the verified-token cache)
+can be dropped at once instead of living on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +30,18 @@ from extauthz.policy.model import Provider
 
 UNKNOWN_KID_REFETCH_SECONDS = 10.0
 _KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+# RFC 7638: the members that define a key's material, per key type.
+_THUMBPRINT_MEMBERS = {
+    "RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x"), "oct": ("k", "kty"),
+}
+
+KeyIdentity = tuple[str | None, str]
+"""A key as the JWKS published it: its ``kid`` (None without one) and its RFC 7638 thumbprint.
+
+Both count: a ``kid`` republished over other key material is another key, and
+so is the same material under another ``kid`` (tokens naming the old one no
+longer find it).
+"""
 
 log = structlog.get_logger("extauthz.jwks")
 
@@ -41,6 +57,12 @@ class VerificationKey:
     kty: str
     alg: str | None
     """The algorithm the JWK pins, if any."""
+    kid: str | None = None
+    thumbprint: str = ""
+
+    @property
+    def identity(self) -> KeyIdentity:
+        return self.kid, self.thumbprint
 
     def fits(self, alg: str) -> bool:
         """A key only verifies algorithms of its own type (no RSA key used as an HMAC secret)."""
@@ -55,6 +77,16 @@ class _Keys:
     without_kid: tuple[VerificationKey, ...]
     fetched_at: float
 
+    def identities(self) -> frozenset[KeyIdentity]:
+        return frozenset(k.identity for k in (*self.by_kid.values(), *self.without_kid))
+
+
+def _thumbprint(entry: Mapping[str, Any]) -> str:
+    members = _THUMBPRINT_MEMBERS.get(str(entry.get("kty")))
+    source = {m: entry.get(m) for m in members} if members else dict(entry)
+    canonical = json.dumps(source, sort_keys=True, separators=(",", ":"), default=str)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
 
 def _parse_jwks(document: object) -> _Keys:
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
@@ -67,13 +99,16 @@ def _parse_jwks(document: object) -> _Keys:
             skipped += 1
             continue
         alg = entry.get("alg")
+        kid = entry.get("kid")
         try:
             parsed = jwt.PyJWK(dict(entry))
-            key = VerificationKey(parsed.key, parsed.key_type or "", alg if isinstance(alg, str) else None)
+            key = VerificationKey(
+                parsed.key, parsed.key_type or "", alg if isinstance(alg, str) else None,
+                kid if isinstance(kid, str) else None, _thumbprint(entry),
+            )
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
             skipped += 1  # unknown kty/alg, e.g. an encryption key
             continue
-        kid = entry.get("kid")
         if isinstance(kid, str):
             by_kid[kid] = key
         else:
@@ -89,6 +124,7 @@ class KeySet:
     def __init__(
         self, provider: Provider, client: httpx.AsyncClient,
         on_fetch: Callable[[str, bool], None] | None = None,
+        on_keys_removed: Callable[[str, frozenset[KeyIdentity]], None] | None = None,
     ) -> None:
         self.provider = provider
         self._client = client
@@ -97,6 +133,7 @@ class KeySet:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._on_fetch = on_fetch or (lambda provider, ok: None)
+        self._on_keys_removed = on_keys_removed or (lambda provider, gone: None)
         self.last_error = ""
         if provider.jwks_inline is not None:
             self._keys = _parse_jwks(_thaw(provider.jwks_inline))
@@ -134,8 +171,14 @@ class KeySet:
             await self.refresh()
 
     async def refresh(self) -> bool:
-        """Fetch keys now; on failure keep the last good ones. Returns success."""
+        """Fetch keys now; on failure keep the last good ones. Returns success.
+
+        Keys the new set lacks are reported before any other task runs, so no
+        request sees the new keys while the cache still holds tokens that the
+        removed ones verified.
+        """
         async with self._lock:
+            previous = self._keys
             try:
                 document = await self._fetch()
                 self._keys = _parse_jwks(document)
@@ -148,6 +191,11 @@ class KeySet:
                 self._on_fetch(self.provider.name, False)
                 return False
             self.last_error = ""
+            gone = previous.identities() - self._keys.identities() if previous is not None else frozenset()
+            if gone:
+                log.info("jwks_keys_removed", provider=self.provider.name,
+                         kids=sorted(kid or f"(no kid, {thumbprint})" for kid, thumbprint in gone))
+                self._on_keys_removed(self.provider.name, gone)
             self._on_fetch(self.provider.name, True)
             count = len(self._keys.by_kid) + len(self._keys.without_kid)
             log.info("jwks_loaded", provider=self.provider.name, keys=count)

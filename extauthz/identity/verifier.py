@@ -3,30 +3,38 @@
 The verifier routes a token to its provider by the (unverified) ``iss`` claim,
 restricted to the providers the proxy trusts, then verifies it with PyJWT using
 only keys from that provider's configured source. Failures raise
-:class:`TokenError` with a stable code for the caller and a reason for the log.
+:class:`TokenError` with a stable code for the caller and a reason for the log;
+the token is the caller's to choose, so no content of it may end in any other
+exception (that would surface as a 5xx instead of a 401).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import jwt
+import structlog
 
 from extauthz.core.claims import Claims
-from extauthz.identity.jwks import KeySet, KeysUnavailable
+from extauthz.identity.jwks import KeyIdentity, KeySet, KeysUnavailable
 from extauthz.policy.model import Provider
+
+log = structlog.get_logger("extauthz.verifier")
 
 
 class TokenError(Exception):
     """Why a token was refused. ``code`` is stable and safe to show; ``reason`` is for logs."""
 
     def __init__(self, code: str, reason: str, status: int = 401) -> None:
+        # Reasons quote token contents; a lone surrogate in one could be neither logged nor sent.
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -41,13 +49,19 @@ class TokenError(Exception):
 class _Cached:
     claims: Claims
     expires_at: float
+    signed_by: KeyIdentity | None
+    """The JWKS key that verified the token (None for an HMAC secret), so its removal can purge the entry."""
 
 
 class TokenCache:
     """Verified tokens, so repeat callers skip the signature check.
 
     Bounded (LRU), keyed by a hash of the token (the cache holds no bearer
-    tokens), and an entry never outlives the token's ``exp`` nor ``ttl``.
+    tokens). A hit skips every check, so an entry must never outlive any of
+    them: it ends at ``ttl``, at the earliest time limit of the token itself
+    (``exp``, ``iat`` + ``maxTokenAgeSeconds`` + skew; the caller passes it as
+    ``not_after``), and when the key that verified it leaves the JWKS
+    (:meth:`purge`). ``nbf`` needs nothing: a token cached was valid already.
     """
 
     def __init__(self, size: int, ttl_seconds: float, clock: Callable[[], float] = time.time) -> None:
@@ -73,16 +87,26 @@ class TokenCache:
         self.hits += 1
         return entry.claims
 
-    def put(self, key: bytes, claims: Claims, exp: float | None) -> None:
+    def put(self, key: bytes, claims: Claims, not_after: float | None,
+            signed_by: KeyIdentity | None = None) -> None:
         if self._size <= 0:
             return
         expires = self._clock() + self._ttl
-        if exp is not None:
-            expires = min(expires, exp)
-        self._entries[key] = _Cached(claims, expires)
+        # Compared, never converted: a time claim may be an int no float can hold.
+        if not_after is not None and not_after < expires:
+            expires = not_after
+        self._entries[key] = _Cached(claims, expires, signed_by)
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def purge(self, provider: str, gone: Collection[KeyIdentity]) -> int:
+        """Drop the tokens that keys no longer published verified; returns how many."""
+        stale = [key for key, entry in self._entries.items()
+                 if entry.signed_by in gone and entry.claims.provider == provider]
+        for key in stale:
+            del self._entries[key]
+        return len(stale)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -113,9 +137,13 @@ class Verifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.providers = providers
-        self.keysets = {name: KeySet(p, client, on_jwks_fetch) for name, p in providers.items()}
         self.cache = cache
+        self.keysets = {name: KeySet(p, client, on_jwks_fetch, self._keys_removed) for name, p in providers.items()}
         self._clock = clock
+
+    def _keys_removed(self, provider: str, gone: frozenset[KeyIdentity]) -> None:
+        purged = self.cache.purge(provider, gone)
+        log.info("token_cache_purged", provider=provider, removed_keys=len(gone), entries=purged)
 
     async def start(self) -> None:
         for keyset in self.keysets.values():
@@ -130,7 +158,26 @@ class Verifier:
         return all(k.ready for k in self.keysets.values())
 
     async def verify(self, token: str, trusted: Iterable[str]) -> Claims:
-        trusted = tuple(trusted)
+        """The token's claims if a provider in ``trusted`` vouches for it; else :class:`TokenError`.
+
+        Parsers and validators below were not written with every hostile input
+        in mind, so whatever else escapes them is still the token's fault: a 401.
+        """
+        try:
+            return await self._verify(token, tuple(trusted))
+        except TokenError:
+            raise
+        except KeysUnavailable as exc:
+            raise TokenError("keys_unavailable", f"no keys loaded: {exc}", 503) from None
+        except Exception as exc:  # noqa: BLE001 - the token picks the input, so any failure is its refusal
+            log.warning("token_check_failed", error=type(exc).__name__)
+            raise TokenError(
+                "token_invalid", f"token could not be checked: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+
+    async def _verify(self, token: str, trusted: tuple[str, ...]) -> Claims:
+        if not token.isascii():
+            raise TokenError("token_malformed", "not a JWS compact token: characters outside ASCII")
         key = TokenCache.key(token)
         cached = self.cache.get(key)
         if cached is not None and cached.provider in trusted:
@@ -140,7 +187,17 @@ class Verifier:
             unverified_token = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.DecodeError as exc:
             raise TokenError("token_malformed", f"not a JWS compact token: {exc}") from None
+        except jwt.PyJWTError as exc:
+            raise _token_error(exc) from None
         header, unverified = unverified_token["header"], unverified_token["payload"]
+        for part, document in (("header", header), ("payload", unverified)):
+            problem = _json_problem(document)
+            if problem:
+                raise TokenError("token_malformed", f"{part} {problem}")
+        if "crit" in header:
+            # No JWT extension is understood here; a critical one must therefore be refused (RFC 7515 4.1.11).
+            crit = str(header["crit"])[:100]
+            raise TokenError("token_invalid", f"critical header parameters {crit} are not supported")
         issuer = unverified.get("iss") if isinstance(unverified, dict) else None
         provider = next((self.providers[n] for n in trusted if self.providers[n].issuer == issuer), None)
         if provider is None:
@@ -153,6 +210,7 @@ class Verifier:
                 f"(allowed: {', '.join(provider.algorithms)})",
             )
         verification_key: Any
+        signed_by: KeyIdentity | None = None
         if provider.hmac_secret:
             verification_key = provider.hmac_secret
         else:
@@ -169,6 +227,7 @@ class Verifier:
                     f"no {alg} key with kid {kid!r} in the JWKS of provider {provider.name}",
                 )
             verification_key = found.key
+            signed_by = found.identity
         required = ["iss"] + (["exp"] if provider.require_exp else [])
         try:
             payload: dict[str, Any] = jwt.decode(
@@ -182,16 +241,50 @@ class Verifier:
             )
         except jwt.PyJWTError as exc:
             raise _token_error(exc) from None
+        # Time claims are compared, never converted or subtracted: an int may be too large for a float.
+        exp = payload.get("exp")
+        not_after: float | None = exp if isinstance(exp, (int, float)) else None
         if provider.max_token_age_seconds is not None:
             iat = payload.get("iat")
             if not isinstance(iat, (int, float)):
                 raise TokenError("token_missing_claim", "maxTokenAgeSeconds is set but the token has no iat")
-            if self._clock() - iat > provider.max_token_age_seconds + provider.clock_skew_seconds:
+            oldest = provider.max_token_age_seconds + provider.clock_skew_seconds
+            if iat < self._clock() - oldest:
                 raise TokenError("token_too_old", f"token older than {provider.max_token_age_seconds}s")
+            too_old_at = iat + oldest
+            not_after = too_old_at if not_after is None or too_old_at < not_after else not_after
         claims = Claims.of(payload, provider.name)
-        exp = payload.get("exp")
-        self.cache.put(key, claims, float(exp) if isinstance(exp, (int, float)) else None)
+        # No await since the key was looked up: a refresh that removed it has not run in between.
+        self.cache.put(key, claims, not_after, signed_by)
         return claims
+
+
+def _json_problem(document: object) -> str | None:
+    """Why a decoded header or payload is no plain JSON text, or None.
+
+    Python's json module accepts what JSON (RFC 8259) has no room for: escapes
+    of lone UTF-16 surrogates (``"\\ud800"``), which no UTF-8 header, log line or
+    protobuf string can carry, and NaN or Infinity. Claims of either kind would
+    break whatever writes them out later, so the token is refused up front.
+    """
+    stack = [document]
+    while stack:  # iterative: depth is bounded by the parser, not worth the call stack
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "holds a lone UTF-16 surrogate, which UTF-8 text cannot carry"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "holds NaN or Infinity, which JSON has no spelling for"
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return None
 
 
 def _token_error(exc: jwt.PyJWTError) -> TokenError:

@@ -628,7 +628,7 @@ def _provider(ctx: _Ctx, path: str, line: int, value: object) -> Provider:
         max_token_age_seconds=p.optional("maxTokenAgeSeconds", int),
         sources=sources,
         forward_token=p.get("forwardToken", bool, False),
-        jwks_refresh_seconds=p.positive("jwksRefreshSeconds", int, 300),
+        jwks_refresh_seconds=p.positive("jwksRefreshSeconds", int, 60),
         jwks_timeout_seconds=p.positive("jwksTimeoutSeconds", float, 5.0),
     )
 

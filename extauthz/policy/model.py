@@ -187,7 +187,7 @@ class Provider:
     max_token_age_seconds: int | None = None
     sources: tuple[TokenSource, ...] = (TokenSource(header="authorization", prefix="Bearer "),)
     forward_token: bool = False
-    jwks_refresh_seconds: int = 300
+    jwks_refresh_seconds: int = 60
     jwks_timeout_seconds: float = 5.0
 
 
@@ -304,7 +304,7 @@ class ServerSettings:
     admin_address: str = ""
     tls: TlsSettings | None = None
     token_cache_size: int = 10_000
-    token_cache_ttl_seconds: int = 300
+    token_cache_ttl_seconds: int = 60
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 5.0
 

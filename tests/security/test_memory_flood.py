@@ -15,7 +15,7 @@ import http.client
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -44,6 +44,7 @@ proxies:
 REQUESTS = 10_000
 SEGMENT_BYTES = 40_000  # fits Envoy's default 60 KiB request-header limit with the token
 THREADS = 4
+CLASS = "13. Memory through variables"
 PEAK_LIMIT_MB = 150
 
 
@@ -151,11 +152,13 @@ def _warm_up(stack: Stack, token: str) -> None:
         stack.request("GET", f"/v1/tenants/{'w' * 2000}{i}/orders", token)
 
 
-def test_the_cap_fails_closed_and_ordinary_ids_still_match(stack: Stack) -> None:
+def test_the_cap_fails_closed_and_ordinary_ids_still_match(stack: Stack, record: Callable[..., None]) -> None:
     token = stack.idp.token(sub="user-1")
     assert stack.request("GET", "/v1/tenants/acme/orders", token).status == 200
     assert stack.request("GET", f"/v1/tenants/{'a' * MAX_VALUE_LENGTH}/orders", token).status == 200
     over = stack.request("GET", f"/v1/tenants/{'a' * (MAX_VALUE_LENGTH + 1)}/orders", token)
+    record(CLASS, wrongly_allowed=over.status < 300, leaked=0, saw=str(over.status),
+           variant="a segment one character over the cap")
     assert over.status == 403
     assert stack.request("GET", f"/v1/tenants/{segment(0)}/orders", token).status == 403
     decision = over.json()["decisionId"]
@@ -163,9 +166,12 @@ def test_the_cap_fails_closed_and_ordinary_ids_still_match(stack: Stack) -> None
     assert '"reason": "default deny"' in line  # the allow rule was unresolved, so nothing matched
 
 
-def test_a_flood_of_distinct_40kb_segments_keeps_the_sidecar_flat(stack: Stack) -> None:
+def test_a_flood_of_distinct_40kb_segments_keeps_the_sidecar_flat(stack: Stack, record: Callable[..., None]) -> None:
     _warm_up(stack, stack.idp.token(sub="user-1"))
     result = flood(stack)
+    record(CLASS, wrongly_allowed=any(200 <= status < 300 for status in result.statuses), leaked=0,
+           saw=f"403, sidecar RSS {'under' if result.peak_kb < PEAK_LIMIT_MB * 1024 else 'OVER'} {PEAK_LIMIT_MB} MB",
+           variant=f"{REQUESTS} distinct 40 KB path segments")
     mb = 1024
     report = (f"{REQUESTS} requests in {result.seconds:.1f} s; sidecar RSS {result.baseline_kb / mb:.1f} MB before, "
               f"peak {result.peak_kb / mb:.1f} MB, {result.after_kb / mb:.1f} MB after "

@@ -1,0 +1,64 @@
+"""The adversarial suite's collector: every variant records one row; the session prints the table.
+
+A test asks for ``record`` and calls it once, before its assertions, so a failing
+variant is counted too::
+
+    record("6. Methods", wrongly_allowed=0, leaked=0, saw="405")
+
+The variant name defaults to the test's parametrize id. At the end of the session
+the table (one line per class) is printed, and written as JSON to the path in
+``$EXTAUTHZ_SECURITY_RESULTS`` if set. ``test_zz_doc_table.py`` runs last and fails
+when the whole suite ran and docs/SECURITY.md shows other results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.security import results
+
+HERE = Path(__file__).resolve().parent
+LAST = "test_zz_doc_table.py"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The doc-table check runs after every other test of the session."""
+    last = [i for i in items if i.path.name == LAST]
+    items[:] = [i for i in items if i.path.name != LAST] + last
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        results.STATE["deselected"] = True
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    node = request.node
+    default_variant = node.callspec.id if hasattr(node, "callspec") else node.name
+
+    def _record(cls: str, wrongly_allowed: int | bool, leaked: int | bool, saw: str,
+                variant: str | None = None) -> None:
+        results.add(results.Row(cls, variant or default_variant, int(bool(wrongly_allowed)), int(bool(leaked)),
+                                saw, node.nodeid))
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    rows = list(results.ROWS.values())
+    if not rows:
+        return
+    terminalreporter.section("adversarial suite: results per attack class")
+    terminalreporter.write_line(results.table(rows))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    target = os.environ.get(results.RESULTS_ENV)
+    if target and results.ROWS:
+        Path(target).write_text(json.dumps(results.as_json(list(results.ROWS.values())), indent=2) + "\n")

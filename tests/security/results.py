@@ -1,0 +1,111 @@
+"""The adversarial suite's results: one row per variant, one table line per attack class.
+
+Shared by ``conftest.py`` (collects rows, prints the table, writes JSON, checks the
+table in docs/SECURITY.md) and ``report.py`` (regenerates that table).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SECURITY_DOC = REPO / "docs" / "SECURITY.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+RESULTS_ENV = "EXTAUTHZ_SECURITY_RESULTS"
+"""If set, the session writes its results as JSON to this path."""
+REGENERATING_ENV = "EXTAUTHZ_SECURITY_REGENERATING"
+"""Set by ``python -m tests.security.report``: the doc is about to be rewritten, so it is not compared."""
+
+
+@dataclass(frozen=True)
+class Row:
+    cls: str
+    """``"<n>. <name>"``; the table is ordered by ``n``."""
+    variant: str
+    wrongly_allowed: int
+    """1 if a request the policy denies, a client identity header or a second token reached the upstream."""
+    leaked: int
+    """1 if the client received something a filter removes, or a 5xx for a token."""
+    saw: str
+    """What the caller saw, e.g. ``403``, ``200 filtered``, ``502 blocked``."""
+    test: str = ""
+
+
+ROWS: dict[str, Row] = {}
+"""Test node id -> its row (a test records once; a rerun replaces it)."""
+STATE: dict[str, bool] = {"deselected": False}
+"""Whether some collected test was deselected (``-k``, ``-m``, ``--lf``): then the run is not the whole suite."""
+
+
+def add(row: Row) -> None:
+    ROWS[row.test or f"{row.cls}/{row.variant}"] = row
+
+
+def _order(cls: str) -> tuple[int, str]:
+    number = re.match(r"\s*(\d+)", cls)
+    return (int(number.group(1)) if number else 1_000, cls)
+
+
+def summary(rows: list[Row]) -> list[dict[str, Any]]:
+    by_class: dict[str, list[Row]] = {}
+    for row in rows:
+        by_class.setdefault(row.cls, []).append(row)
+    out = []
+    for cls in sorted(by_class, key=_order):
+        group = by_class[cls]
+        out.append({
+            "class": cls,
+            "variants": len(group),
+            "wrongly_allowed": sum(r.wrongly_allowed for r in group),
+            "leaked": sum(r.leaked for r in group),
+            "saw": dict(sorted(Counter(r.saw for r in group).items())),
+        })
+    return out
+
+
+def as_json(rows: list[Row]) -> dict[str, Any]:
+    ordered = sorted(rows, key=lambda r: (_order(r.cls), r.variant))
+    return {"classes": summary(rows), "variants": [asdict(r) for r in ordered]}
+
+
+def _saw(counts: dict[str, int]) -> str:
+    return ", ".join(f"{label} ({n})" for label, n in counts.items())
+
+
+def table(rows: list[Row]) -> str:
+    """The Markdown table (and the variants that let something through, if any)."""
+    lines = [
+        "| Class | Variants tried | Wrongly allowed | Leaked | What the caller saw |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    classes = summary(rows)
+    for c in classes:
+        lines.append(f"| {c['class']} | {c['variants']} | {c['wrongly_allowed']} | {c['leaked']} | {_saw(c['saw'])} |")
+    lines.append(f"| **Total** | {sum(c['variants'] for c in classes)} | "
+                 f"{sum(c['wrongly_allowed'] for c in classes)} | {sum(c['leaked'] for c in classes)} | |")
+    bad = [r for r in sorted(rows, key=lambda r: (_order(r.cls), r.variant)) if r.wrongly_allowed or r.leaked]
+    if bad:
+        lines += ["", "Variants that let something through:", ""]
+        lines += [f"- {r.cls}, `{r.variant}`: caller saw {r.saw}"
+                  + (", wrongly allowed" if r.wrongly_allowed else "") + (", leaked" if r.leaked else "")
+                  for r in bad]
+    return "\n".join(lines)
+
+
+def doc_table(text: str) -> str | None:
+    """The generated part of docs/SECURITY.md, or None without the markers."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return None
+    return text[start + len(BEGIN):end].strip()
+
+
+def with_table(text: str, rendered: str) -> str:
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{SECURITY_DOC} has no {BEGIN} ... {END} markers")
+    return text[:start + len(BEGIN)] + "\n" + rendered + "\n" + text[end:]

@@ -1,0 +1,117 @@
+"""The response phase knows the request from the Check, not from optional Envoy settings.
+
+Three stacks run the shipped Envoy config with one ext_proc setting removed:
+
+* ``no response_attributes``: Envoy tells ext_proc nothing about the request; the
+  Check's verified hand-off alone must let every filter apply as usual;
+* ``no metadata forwarding``: the Check's hand-off never reaches ext_proc; a
+  response a filter could apply to must be blocked (502), never passed unfiltered;
+* ``neither``: both removed; the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+from tests.security.harness import (
+    Stacks,
+    attack,
+    docs_filter_example,
+    ext_proc_config,
+    filtered_view,
+    is_blocked,
+    label,
+    leaked_document,
+    lenient_stack,
+    policy,
+)
+from tests.security.upstream import BODY
+
+pytestmark = pytest.mark.envoy
+
+CLS = "3. Response phase without Envoy options"
+DENYLIST = {
+    "methods": ["GET"],
+    "path": {"pattern": "^/v1/ledger"},
+    "defaultFilterOperation": "retain",
+    "operations": [{"effect": "destroy", "jsonPath": {"pattern": "^orders\\.internalRef$"}}],
+}
+POLICY = policy({"name": "orders-api", "defaultRuleEffect": "allow", "filters": [docs_filter_example(), DENYLIST]})
+SUB = "user-123"
+
+
+def _without(*fields: str) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        processor = ext_proc_config(config)
+        for name in fields:
+            assert name in processor, f"the shipped ext_proc config has no {name} to remove"
+            del processor[name]
+    return edit
+
+
+EDITS = {
+    "no response_attributes": _without("response_attributes"),
+    "no metadata forwarding": _without("metadata_options"),
+    "neither": _without("response_attributes", "metadata_options"),
+}
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stacks]:
+    with ExitStack() as running:
+        yield Stacks(lambda name: running.enter_context(
+            lenient_stack(tmp_path_factory.mktemp("phase"), POLICY, edit_envoy=EDITS[name])))
+
+
+# (config, method, target, what the caller must see)
+VARIANTS: dict[str, tuple[str, str, str, str]] = {
+    "no attributes: GET /v1/orders": ("no response_attributes", "GET", "/v1/orders", "filtered"),
+    "no attributes: GET /v1/orders/": ("no response_attributes", "GET", "/v1/orders/", "filtered"),
+    "no attributes: GET /v1/orders;x=1": ("no response_attributes", "GET", "/v1/orders;x=1", "filtered"),
+    "no attributes: GET /v1/orders?page=1": ("no response_attributes", "GET", "/v1/orders?page=1", "filtered"),
+    "no attributes: GET denylist": ("no response_attributes", "GET", "/v1/ledger", "filtered"),
+    "no attributes: HEAD /v1/orders": ("no response_attributes", "HEAD", "/v1/orders", "no length"),
+    "no metadata: GET /v1/orders": ("no metadata forwarding", "GET", "/v1/orders", "blocked"),
+    "no metadata: GET /v1/orders/": ("no metadata forwarding", "GET", "/v1/orders/", "blocked"),
+    "no metadata: GET /v1/orders%3B": ("no metadata forwarding", "GET", "/v1/orders%3B", "blocked"),
+    "no metadata: GET denylist": ("no metadata forwarding", "GET", "/v1/ledger", "blocked"),
+    "no metadata: HEAD /v1/orders": ("no metadata forwarding", "HEAD", "/v1/orders", "no length"),
+    "neither: GET /v1/orders": ("neither", "GET", "/v1/orders", "blocked"),
+    "neither: GET denylist": ("neither", "GET", "/v1/ledger", "blocked"),
+    "neither: GET /v1/orders;x=1": ("neither", "GET", "/v1/orders;x=1", "blocked"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_filters_hold_without_optional_envoy_settings(stacks: Stacks, record: Any, variant: str) -> None:
+    config, method, target, expected = VARIANTS[variant]
+    stack = stacks[config]
+    seen = attack(stack, method, target, token=stack.idp.token(sub=SUB))
+    view = filtered_view(SUB, allowlist=not target.startswith("/v1/ledger"))
+    if method == "HEAD":
+        length = seen.headers.get("content-length")
+        leaked = seen.status < 300 and length == str(len(BODY))
+        saw = label(seen) if seen.status >= 300 else f"{seen.status} " + (
+            "unfiltered length" if leaked else "no length" if length is None else "other length")
+    else:
+        leaked = leaked_document(seen, view)
+        saw = label(seen, view)
+    record(CLS, wrongly_allowed=0, leaked=leaked, saw=saw)
+    assert not leaked, (seen.status, seen.headers, seen.body[:300])
+    if expected == "filtered":
+        assert (seen.status, seen.json()) == (200, view), seen.body[:300]
+    elif expected == "blocked":
+        assert seen.status == 502 and is_blocked(seen), (seen.status, seen.body[:300])
+    else:
+        assert seen.status == 502 or (seen.status == 200 and "content-length" not in seen.headers), seen.headers
+
+
+def test_control_unfiltered_routes_still_pass_without_metadata(stacks: Stacks) -> None:
+    """Blocking is scoped: a response no filter applies to is not blocked for lack of a hand-off."""
+    stack = stacks["no metadata forwarding"]
+    seen = attack(stack, "GET", "/v1/products", token=stack.idp.token(sub=SUB))
+    assert seen.status == 200 and seen.json()["path"] == "/v1/products"

@@ -1,0 +1,46 @@
+"""The table in docs/SECURITY.md is this suite's last full run: it cannot drift from the tests.
+
+Runs after every other test of the session (see conftest.py) and only when the
+whole suite ran; ``python -m tests.security.report`` regenerates the table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.security import results
+
+HERE = Path(__file__).resolve().parent
+
+
+def _whole_suite(session: pytest.Session, config: pytest.Config) -> str | None:
+    """Why this session is not the whole suite, or None if it is."""
+    if config.option.keyword or config.option.markexpr:
+        return "tests were selected with -k or -m"
+    if results.STATE["deselected"]:
+        return "some tests were deselected"
+    if any("::" in str(arg) for arg in config.args):
+        return "single tests were selected"
+    ran = {item.path for item in session.items}
+    missing = sorted(p.name for p in HERE.glob("test_*.py") if p not in ran)
+    if missing:
+        return f"not every file ran ({', '.join(missing)} missing)"
+    return None
+
+
+def test_docs_security_table_matches_this_run(request: pytest.FixtureRequest) -> None:
+    if os.environ.get(results.REGENERATING_ENV):
+        pytest.skip("python -m tests.security.report is regenerating the table")
+    why = _whole_suite(request.session, request.config)
+    if why is not None:
+        pytest.skip(f"the table is only compared after a full run: {why}")
+    rendered = results.table(list(results.ROWS.values()))
+    documented = results.doc_table(results.SECURITY_DOC.read_text())
+    assert documented is not None, f"{results.SECURITY_DOC} lacks the {results.BEGIN} / {results.END} markers"
+    assert documented == rendered, (
+        "docs/SECURITY.md shows other results than this run; regenerate it with "
+        "`python -m tests.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n" + documented
+    )
