@@ -23,7 +23,7 @@ from extauthz.core.scope import request_in_scope
 from extauthz.core.variables import resolve
 from extauthz.identity.tokens import FoundToken, find_token
 from extauthz.identity.verifier import TokenError, Verifier
-from extauthz.policy.model import Effect, Mode, Policy, Proxy, TokenSource
+from extauthz.policy.model import Effect, Mode, Policy, Proxy
 
 
 def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
@@ -49,8 +49,8 @@ def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
 class _ProxyFacts:
     """Per-proxy lookups computed once per policy, so a Check only reads them."""
 
-    sources: tuple[TokenSource, ...]
     stripping: Stripping
+    """The proxy's token sources and the headers it owns."""
     named_methods: frozenset[str]
     """Methods outside the standard set that some rule or public path names explicitly."""
 
@@ -60,7 +60,7 @@ class _ProxyFacts:
         named: set[str] = set()
         for methods in (*(r.methods for r in proxy.rules), *(p.methods for p in proxy.public_paths)):
             named.update(methods or ())
-        return cls(sources, Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS))
+        return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS))
 
 
 class Authorizer:
@@ -105,7 +105,7 @@ class Authorizer:
                                    f"public path {public.path.source!r}", forward_token=True)
 
         # Identity phase.
-        found = find_token(request, facts.sources)
+        found = find_token(request, facts.stripping.sources)
         if found is None:
             return self._unauthenticated(proxy, decision_id, TokenError("token_missing", "no token in request"))
         try:

@@ -6,6 +6,7 @@ production: fetched over HTTP, never patched into the verifier.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -14,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 
 class SigningKey:
@@ -32,6 +34,20 @@ class SigningKey:
 
     def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
         return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **(headers or {})})
+
+    def sign_bytes(self, header: bytes, payload: bytes) -> str:
+        """A compact RS256 JWS over exactly these bytes: contents no JSON encoder would write, validly signed.
+
+        For tests that probe the verifier with odd tokens (lone surrogates, huge numbers, ``crit``).
+        """
+        assert self.alg == "RS256", "raw signing is only needed (and implemented) for RS256"
+        signing_input = f"{_b64(header)}.{_b64(payload)}".encode()
+        signature = self.private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input.decode()}.{_b64(signature)}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 class IdentityProvider:

@@ -6,7 +6,6 @@ received for exactly that request can be found (:func:`attack`).
 
 from __future__ import annotations
 
-import base64
 import copy
 import http.client
 import json
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
 
 from extauthz.demo.idp import SigningKey
 from tests.security.upstream import ORDERS, LenientUpstream
@@ -205,12 +202,5 @@ def ext_proc_config(config: dict[str, Any]) -> dict[str, Any]:
 # --- tokens signed from raw bytes ---------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def sign_raw(key: SigningKey, header: bytes, payload: bytes) -> str:
-    """A compact JWS over exactly these header and payload bytes (claims no JSON encoder would write)."""
-    signing_input = f"{_b64(header)}.{_b64(payload)}".encode()
-    signature = key.private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input.decode()}.{_b64(signature)}"
+    return key.sign_bytes(header, payload)
