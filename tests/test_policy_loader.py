@@ -198,3 +198,29 @@ def test_validate_cli_accepts_the_example() -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ('providers:\n  - name: x\n    issuer: "a\n    audiences: [a]\nproxies: []\n', 3,
+     "while scanning a quoted scalar at line 3, column 13"),
+    ("a: 1\nb: [1, 2\nc: 3\n", 2, "at line 3, column 2 (while parsing a flow sequence at line 2, column 4)"),
+    ("providers:\n  - name: x\n    issuer: a\n   jwksUri: x\n", 4, "at line 4, column 4"),
+])
+def test_a_syntax_error_names_the_line_to_fix_and_a_column(text: str, line: int, words: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    (issue,) = caught.value.issues
+    assert issue.line == line and words in issue.message, issue
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("^/v1/(orders", "invalid regular expression '^/v1/(orders': missing )"),
+    ("(?<=a)b", "invalid perl operator at '(?<='"),
+])
+def test_a_bad_regex_is_explained_in_text(pattern: str, reason: str) -> None:
+    rule = {"effect": "allow", "path": {"path": {"pattern": pattern}}}
+    text = "providers: []\nproxies:\n  - name: p\n    rules:\n      - " + json.dumps(rule) + "\n"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    message = str(caught.value)
+    assert reason in message and ": b'" not in message, message  # text, not Python bytes

@@ -128,6 +128,8 @@ class KeySet:
     ) -> None:
         self.provider = provider
         self._client = client
+        self._source = provider.jwks_uri or provider.jwks_file or provider.issuer
+        """What the last fetch read (discovery URL, JWKS URL or file), named in its errors."""
         self._keys: _Keys | None = None
         self._last_kid_refetch = -UNKNOWN_KID_REFETCH_SECONDS
         self._lock = asyncio.Lock()
@@ -183,9 +185,10 @@ class KeySet:
                 document = await self._fetch()
                 self._keys = _parse_jwks(document)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old keys
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                # Name what was fetched: a refused connection's message alone does not say where.
+                self.last_error = f"{self._source}: {type(exc).__name__}: {exc}"
                 log.warning(
-                    "jwks_fetch_failed", provider=self.provider.name, error=self.last_error,
+                    "jwks_fetch_failed", provider=self.provider.name, url=self._source, error=self.last_error,
                     keeping_previous=self._keys is not None,
                 )
                 self._on_fetch(self.provider.name, False)
@@ -204,11 +207,13 @@ class KeySet:
     async def _fetch(self) -> object:
         provider = self.provider
         if provider.jwks_file:
+            self._source = provider.jwks_file
             return json.loads(await asyncio.to_thread(Path(provider.jwks_file).read_bytes))
         uri = provider.jwks_uri
         timeout = provider.jwks_timeout_seconds
         if provider.discovery:
             url = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            self._source = url
             response = await self._client.get(url, timeout=timeout)
             response.raise_for_status()
             config = response.json()
@@ -219,6 +224,7 @@ class KeySet:
             uri = config.get("jwks_uri")
             if not isinstance(uri, str) or not uri:
                 raise ValueError("discovery document has no jwks_uri")
+        self._source = uri
         response = await self._client.get(uri, timeout=timeout)
         response.raise_for_status()
         return response.json()

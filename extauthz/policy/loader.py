@@ -948,16 +948,31 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(text, str(file), file.resolve().parent)
 
 
+def _syntax_issue(file: str, exc: yaml.MarkedYAMLError) -> Issue:
+    """Where the broken construct starts (an unclosed quote or bracket), and where the parser gave up.
+
+    The parser notices a missing ``"`` or ``]`` only lines later, so for an
+    unclosed quoted scalar or flow collection the line an editor should jump to
+    is where that construct began; for block structure (indentation) it is
+    where the parser stopped.
+    """
+    problem, context = exc.problem_mark, exc.context_mark
+    where = f" at line {problem.line + 1}, column {problem.column + 1}" if problem else ""
+    message = f"not valid YAML/JSON: {exc.problem}{where}"
+    if context is not None and exc.context:
+        message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+    unclosed = context is not None and any(word in (exc.context or "") for word in ("scalar", "flow"))
+    mark = context if unclosed else problem
+    return Issue(file, (mark.line + 1) if mark else 0, "", message)
+
+
 def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None) -> Policy:
     raw = text.encode() if isinstance(text, str) else text
     ctx = _Ctx(file, base_dir or Path.cwd())
     try:
         document = yaml.load(raw, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        raise PolicyError(
-            [Issue(file, (mark.line + 1) if mark else 0, "", f"not valid YAML/JSON: {exc.problem}")]
-        ) from None
+        raise PolicyError([_syntax_issue(file, exc)]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([Issue(file, 0, "", f"not valid YAML/JSON: {exc}")]) from None
     try:

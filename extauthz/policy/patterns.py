@@ -57,7 +57,7 @@ def compile_regex(source: str) -> CompiledRegex:
     try:
         compiled: CompiledRegex = re2.compile(source, options=_RE2_OPTIONS)
     except re2.error as exc:
-        raise PatternError(f"invalid regular expression {source!r}: {exc}") from None
+        raise PatternError(f"invalid regular expression {source!r}: {_reason(exc, source)}") from None
     return compiled
 
 
@@ -147,6 +147,14 @@ class CompiledCache:
 
 compiled_cache = CompiledCache(CACHE_BUDGET_BYTES)
 """The process-wide cache behind ``Pattern.bind``: one budget for every policy and reload."""
+
+
+def _reason(exc: re2.error, source: str) -> str:
+    """RE2's message as text (the wrapper hands it over as bytes); the fragment at fault, unless it is all of it."""
+    detail = exc.args[0] if exc.args else exc
+    text = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+    message, _, fragment = text.partition(": ")
+    return message if not fragment or fragment == source else f"{message} at {fragment!r}"
 
 
 def escape(value: str) -> str:
