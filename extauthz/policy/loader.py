@@ -948,7 +948,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(text, str(file), file.resolve().parent)
 
 
-def _syntax_issue(file: str, exc: yaml.MarkedYAMLError) -> Issue:
+def syntax_issue(file: str, exc: yaml.MarkedYAMLError) -> Issue:
     """Where the broken construct starts (an unclosed quote or bracket), and where the parser gave up.
 
     The parser notices a missing ``"`` or ``]`` only lines later, so for an
@@ -972,7 +972,7 @@ def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | Non
     try:
         document = yaml.load(raw, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
-        raise PolicyError([_syntax_issue(file, exc)]) from None
+        raise PolicyError([syntax_issue(file, exc)]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([Issue(file, 0, "", f"not valid YAML/JSON: {exc}")]) from None
     try:

@@ -35,7 +35,7 @@ import yaml
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import LDict, LList, _LineLoader
+from extauthz.policy.loader import LDict, LList, _LineLoader, syntax_issue
 from extauthz.policy.model import Policy, Rule
 from extauthz.server.validation import load_for_serving
 from extauthz.toolbox.explain import Explanation, Identity, build_request, decide
@@ -236,9 +236,7 @@ def load_suite(file: Path, policy_override: Path | None = None) -> Suite:
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read test file: {exc.strerror}")]) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        raise PolicyError([Issue(str(file), mark.line + 1 if mark else 0, "", f"not valid YAML: {exc.problem}")]) \
-            from None
+        raise PolicyError([syntax_issue(str(file), exc)]) from None
     root = reader.mapping(document, "<root>", 1, {"policy", "tests"})
     if root is None:
         raise PolicyError(reader.issues)
