@@ -90,7 +90,7 @@ extauthz demo is running: Envoy on {base}, sidecar logs in {workdir}/sidecar.log
 # 200: user-123 reads orders (the response is filtered to their own orders)
 curl -i {base}/v1/orders -H 'authorization: Bearer {user}'
 
-# 403: a service account on a user-scoped path (rule 2, seed 003)
+# 403: a service account on a user-scoped path (rule #1, as `extauthz explain` and the decision log number it)
 curl -i {base}/v1/users/42 -H 'authorization: Bearer {service}'
 
 # 401: no token
