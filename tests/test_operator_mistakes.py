@@ -75,3 +75,15 @@ def test_the_demo_names_a_busy_port(busy_port: int, capsys: pytest.CaptureFixtur
     assert main(["demo", "--port", str(busy_port)]) == Exit.ADDRESS
     err = capsys.readouterr().err
     assert f"port {busy_port} (Envoy listener) is not available: already in use" in err and "--port" in err
+
+
+def test_the_demo_without_a_source_checkout_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``pip install .`` carries no envoy/envoy.yaml: the demo says how to get it, no traceback."""
+    from extauthz.demo import runner
+
+    monkeypatch.setattr(runner, "ENVOY_DIR", tmp_path / "site-packages" / "envoy")
+    assert main(["demo"]) == Exit.MISSING
+    err = capsys.readouterr().err
+    assert "pip install -e '.[dev]'" in err and "envoy/envoy.yaml" in err
