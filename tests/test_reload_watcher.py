@@ -88,7 +88,7 @@ def test_reload_keeps_the_running_policy_when_the_new_one_cannot_get_keys(tmp_pa
                 assert await sidecar.reload() is ReloadOutcome.UNAVAILABLE
                 assert sidecar.runtime.policy.digest == first
                 assert sidecar.last_reload is not None
-                assert sidecar.last_reload.errors[0].startswith("provider idp: no signing keys (ConnectError")
+                assert sidecar.last_reload.errors[0].startswith(f"provider idp: no signing keys ({dead}: ConnectError")
 
                 path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="DELETE"))
                 assert await sidecar.reload() is ReloadOutcome.RELOADED
