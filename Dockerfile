@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
 # The extauthz sidecar image:   docker build -t extauthz:0.1.0 .
+# (The Kubernetes quickstart also runs its demo IdP and sample API from it:
+# `extauthz demo-idp`, `extauthz demo-api`.)
 # Slim Python; the project and its dependencies installed from wheels built in a
 # throw-away stage (no compilers or caches in the image); a numeric non-root
 # user, so Kubernetes can verify runAsNonRoot. The process writes nothing to
@@ -24,8 +26,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels extauthz
 # The same uid:gid as the pod's securityContext (runAsUser/runAsGroup 65532).
 USER 65532:65532
-# server.metricsAddress of the Kubernetes policy: /metrics, /healthz, /readyz.
+# --metrics-address: /metrics, /healthz, /readyz (the probes and Prometheus).
 # The gRPC port (9001) is bound to 127.0.0.1 for Envoy in the same pod only.
 EXPOSE 9090
 ENTRYPOINT ["extauthz"]
-CMD ["serve", "--config", "/etc/extauthz/policy.yaml", "--grpc-address", "127.0.0.1:9001"]
+CMD ["serve", "--config", "/etc/extauthz/policy.yaml", "--grpc-address", "127.0.0.1:9001", \
+     "--metrics-address", "0.0.0.0:9090"]

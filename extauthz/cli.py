@@ -1,4 +1,4 @@
-"""The ``extauthz`` command: serve, validate, explain, test, demo.
+"""The ``extauthz`` command: serve, validate, explain, test, demo (and demo-idp, demo-api).
 
 Every mistake an operator can make gets one line on stderr that names the
 file, address or argument, and an exit code of its own (see :class:`Exit`), so
@@ -176,6 +176,29 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(listen_port=args.port, idp_port=args.idp_port)
 
 
+def _demo_idp(args: argparse.Namespace) -> int:
+    from extauthz.demo.commands import run_demo_idp
+
+    return run_demo_idp(args.host, args.port, args.issuer, args.audience)
+
+
+def _demo_api(args: argparse.Namespace) -> int:
+    from extauthz.demo.commands import run_demo_api
+
+    return run_demo_api(args.host, args.port)
+
+
+def _issuer_url(value: str) -> str:
+    from extauthz.demo.commands import issuer_url
+
+    try:
+        return issuer_url(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http(s) URL without query or fragment, e.g. http://demo-idp:8090"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extauthz",
@@ -255,6 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--idp-port", type=int, default=8090,
                       help="port of the local identity provider (default 8090)")
     demo.set_defaults(func=_demo)
+
+    demo_idp = commands.add_parser(
+        "demo-idp", help="FOR DEMOS ONLY: an identity provider that signs a token for anyone who asks",
+        description="FOR DEMOS ONLY. Serve a small identity provider: OIDC discovery "
+                    "(/.well-known/openid-configuration), its public keys (/.well-known/jwks.json) and "
+                    "GET /token?sub=user-123&tenant_id=acme&permissions=orders:read, which returns a token "
+                    "signed for whatever claims the query asks for. Anyone who can reach it can mint any "
+                    "identity, so never let a real policy trust it. Its key is generated at start: a "
+                    "restart invalidates the tokens it issued. Runs until SIGTERM or Ctrl-C. The Kubernetes "
+                    "quickstart (k8s/overlays/quickstart) runs it as its own Deployment and Service.",
+    )
+    demo_idp.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    demo_idp.add_argument("--port", type=int, default=8090, help="port to listen on (default 8090)")
+    demo_idp.add_argument("--issuer", type=_issuer_url,
+                          help="the issuer URL put in tokens and discovery, i.e. how the sidecar and clients "
+                               "reach this IdP, e.g. its Service's DNS name "
+                               "http://demo-idp.extauthz-quickstart.svc:8090 (default http://HOST:PORT); "
+                               "a policy's provider must name exactly this issuer")
+    demo_idp.add_argument("--audience", default="orders-api",
+                          help="the tokens' aud claim unless /token is given ?aud= (default orders-api)")
+    demo_idp.set_defaults(func=_demo_idp)
+
+    demo_api = commands.add_parser(
+        "demo-api", help="the demo's sample orders API (the app behind Envoy in the quickstart)",
+        description="Serve the sample orders API of `extauthz demo`: GET /v1/orders returns orders of "
+                    "several users (for the response filter to cut down to the caller's own); any other "
+                    "request is echoed back as JSON, headers included, to show what Envoy forwarded. For "
+                    "demos only. Runs until SIGTERM or Ctrl-C.",
+    )
+    demo_api.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on (default 127.0.0.1: behind Envoy in the same pod, "
+                               "nothing else should reach it)")
+    demo_api.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081)")
+    demo_api.set_defaults(func=_demo_api)
     return parser
 
 

