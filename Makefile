@@ -23,7 +23,7 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.check_latency

@@ -1,7 +1,8 @@
 """The adversarial suite's collector: every variant records one row; the session prints the table.
 
 A test asks for ``record`` and calls it once, before its assertions, so a failing
-variant is counted too::
+variant is counted too (the table is printed by the hooks in tests/conftest.py,
+which also gather the rows of pytest-xdist workers)::
 
     record("6. Methods", wrongly_allowed=0, leaked=0, saw="405")
 
@@ -13,8 +14,6 @@ when the whole suite ran and docs/SECURITY.md shows other results.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +22,11 @@ import pytest
 from tests.security import results
 
 HERE = Path(__file__).resolve().parent
-LAST = "test_zz_doc_table.py"
+LAST = results.LAST_FILE
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The doc-table check runs after every other test of the session."""
+    """The doc-table check runs after every other test of the session (without xdist)."""
     last = [i for i in items if i.path.name == LAST]
     items[:] = [i for i in items if i.path.name != LAST] + last
 
@@ -48,17 +47,3 @@ def record(request: pytest.FixtureRequest) -> Callable[..., None]:
                                 saw, node.nodeid))
 
     return _record
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    rows = list(results.ROWS.values())
-    if not rows:
-        return
-    terminalreporter.section("adversarial suite: results per attack class")
-    terminalreporter.write_line(results.table(rows))
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    target = os.environ.get(results.RESULTS_ENV)
-    if target and results.ROWS:
-        Path(target).write_text(json.dumps(results.as_json(list(results.ROWS.values())), indent=2) + "\n")

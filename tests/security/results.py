@@ -15,6 +15,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SECURITY_DOC = REPO / "docs" / "SECURITY.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+LAST_FILE = "test_zz_doc_table.py"
+"""The doc-table check, run after the rest of the suite."""
 RESULTS_ENV = "EXTAUTHZ_SECURITY_RESULTS"
 """If set, the session writes its results as JSON to this path."""
 REGENERATING_ENV = "EXTAUTHZ_SECURITY_REGENERATING"
@@ -37,7 +39,7 @@ class Row:
 
 ROWS: dict[str, Row] = {}
 """Test node id -> its row (a test records once; a rerun replaces it)."""
-STATE: dict[str, bool] = {"deselected": False}
+STATE: dict[str, object] = {"deselected": False}
 """Whether some collected test was deselected (``-k``, ``-m``, ``--lf``): then the run is not the whole suite."""
 
 
@@ -102,6 +104,19 @@ def doc_table(text: str) -> str | None:
     if start < 0 or end < start:
         return None
     return text[start + len(BEGIN):end].strip()
+
+
+def stale(rows: list[Row]) -> str | None:
+    """Why docs/SECURITY.md does not show these results, or None when it does."""
+    rendered = table(rows)
+    documented = doc_table(SECURITY_DOC.read_text())
+    if documented is None:
+        return f"{SECURITY_DOC} lacks the {BEGIN} / {END} markers"
+    if documented != rendered:
+        return ("docs/SECURITY.md shows other results than this run; regenerate it with "
+                "`python -m tests.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n"
+                + documented)
+    return None
 
 
 def with_table(text: str, rendered: str) -> str:

@@ -1,7 +1,9 @@
 """The table in docs/SECURITY.md is this suite's last full run: it cannot drift from the tests.
 
 Runs after every other test of the session (see conftest.py) and only when the
-whole suite ran; ``python -m tests.security.report`` regenerates the table.
+whole suite ran; ``python -m tests.security.report`` regenerates the table. Under
+pytest-xdist the workers hand their rows to the controller, which compares the
+table at the end of the session and fails it when the doc is stale.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def _whole_suite(session: pytest.Session, config: pytest.Config) -> str | None:
 def test_docs_security_table_matches_this_run(request: pytest.FixtureRequest) -> None:
     if os.environ.get(results.REGENERATING_ENV):
         pytest.skip("python -m tests.security.report is regenerating the table")
+    if hasattr(request.config, "workerinput"):
+        # Under pytest-xdist no worker holds every row: the controller compares the table at the
+        # end of the session (tests/conftest.py). Here: the doc still has a table to compare.
+        documented = results.doc_table(results.SECURITY_DOC.read_text())
+        assert documented is not None and "| **Total** |" in documented
+        return
     why = _whole_suite(request.session, request.config)
     if why is not None:
         pytest.skip(f"the table is only compared after a full run: {why}")
-    rendered = results.table(list(results.ROWS.values()))
-    documented = results.doc_table(results.SECURITY_DOC.read_text())
-    assert documented is not None, f"{results.SECURITY_DOC} lacks the {results.BEGIN} / {results.END} markers"
-    assert documented == rendered, (
-        "docs/SECURITY.md shows other results than this run; regenerate it with "
-        "`python -m tests.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n" + documented
-    )
+    problem = results.stale(list(results.ROWS.values()))
+    assert problem is None, problem
