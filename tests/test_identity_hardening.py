@@ -19,10 +19,11 @@ import pytest
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.claims import Claims
+from extauthz.core.identity import TokenError
 from extauthz.core.request import HttpRequest
 from extauthz.demo.idp import IdentityProvider, SigningKey
 from extauthz.identity import jwks as jwks_module
-from extauthz.identity.verifier import TokenCache, TokenError, Verifier
+from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.policy.loader import parse_policy
 from extauthz.policy.model import Policy
 

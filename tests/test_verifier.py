@@ -15,9 +15,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from extauthz.core.identity import TokenError
 from extauthz.demo.idp import IdentityProvider, SigningKey
 from extauthz.identity import jwks as jwks_module
-from extauthz.identity.verifier import TokenCache, TokenError, Verifier
+from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.policy.loader import parse_policy
 from extauthz.policy.model import Policy
 

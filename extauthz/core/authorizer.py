@@ -15,14 +15,14 @@ from dataclasses import dataclass, replace
 from extauthz.core.claims import ANONYMOUS, Claims
 from extauthz.core.decision import Decision, Mutations
 from extauthz.core.handoff import Handoff
+from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
 from extauthz.core.normalize import REFUSED_METHODS, STANDARD_METHODS, method_matches
 from extauthz.core.request import HttpRequest
 from extauthz.core.rules import NoRelationships, RelationshipResolver, evaluate
 from extauthz.core.scope import request_in_scope
+from extauthz.core.tokens import FoundToken, find_token
 from extauthz.core.variables import resolve
-from extauthz.identity.tokens import FoundToken, find_token
-from extauthz.identity.verifier import TokenError, Verifier
 from extauthz.policy.model import Effect, Mode, Policy, Proxy
 
 
@@ -65,7 +65,7 @@ class _ProxyFacts:
 
 class Authorizer:
     def __init__(
-        self, policy: Policy, verifier: Verifier,
+        self, policy: Policy, verifier: TokenVerifier,
         relationships: RelationshipResolver | None = None,
     ) -> None:
         self.policy = policy

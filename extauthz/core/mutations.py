@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from extauthz.core.claims import Claims
 from extauthz.core.decision import Mutations
 from extauthz.core.request import HttpRequest
-from extauthz.identity.tokens import FoundToken, without_cookies
+from extauthz.core.tokens import FoundToken, without_cookies
 from extauthz.policy.model import Proxy, TokenSource
 
 RANGE_HEADERS = ("range", "if-range")

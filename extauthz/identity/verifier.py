@@ -23,26 +23,11 @@ import jwt
 import structlog
 
 from extauthz.core.claims import Claims
+from extauthz.core.identity import TokenError
 from extauthz.identity.jwks import KeyIdentity, KeySet, KeysUnavailable
 from extauthz.policy.model import Provider
 
 log = structlog.get_logger("extauthz.verifier")
-
-
-class TokenError(Exception):
-    """Why a token was refused. ``code`` is stable and safe to show; ``reason`` is for logs."""
-
-    def __init__(self, code: str, reason: str, status: int = 401) -> None:
-        # Reasons quote token contents; a lone surrogate in one could be neither logged nor sent.
-        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.status = status
-
-    @property
-    def rfc6750_error(self) -> str:
-        return "" if self.code == "token_missing" else "invalid_token"
 
 
 @dataclass
