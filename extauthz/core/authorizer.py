@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from extauthz.core.claims import ANONYMOUS, Claims
-from extauthz.core.decision import Decision, Mutations
+from extauthz.core.decision import Code, Decision, Mutations
 from extauthz.core.handoff import Handoff
 from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
@@ -80,22 +80,22 @@ class Authorizer:
     async def _decide(self, request: HttpRequest) -> Decision:
         decision_id = str(uuid.uuid4())
         if request.host_name is None:
-            return Decision(False, 400, "bad_request", f"host {request.host!r} has no single reading", decision_id)
+            return Decision(False, 400, Code.BAD_REQUEST, f"host {request.host!r} has no single reading", decision_id)
         proxy = select_proxy(self.policy, request)
         if proxy is None:
-            return Decision(False, 403, "no_policy", "no proxy matches this request "
+            return Decision(False, 403, Code.NO_POLICY, "no proxy matches this request "
                             f"(context proxy={request.context.get('proxy')!r}, host={request.host!r})",
                             decision_id)
         views = request.views
         if views is None:
-            return Decision(False, 400, "bad_request", "the path or a method override has no single reading "
+            return Decision(False, 400, Code.BAD_REQUEST, "the path or a method override has no single reading "
                             f"({request.method} {request.path!r})", decision_id, proxy.name)
         facts = self._facts[proxy.name]
         for view in views:
             if view.method in REFUSED_METHODS or (
                 view.method not in STANDARD_METHODS and view.method not in facts.named_methods
             ):
-                return Decision(False, 405, "method_not_allowed",
+                return Decision(False, 405, Code.METHOD_NOT_ALLOWED,
                                 f"method {view.method} is refused unless a rule names it", decision_id, proxy.name)
         # Public paths skip authentication, but the sidecar's headers are still enforced.
         for public in proxy.public_paths:
@@ -107,7 +107,7 @@ class Authorizer:
         # Identity phase.
         found = find_token(request, facts.stripping.sources)
         if found is None:
-            return self._unauthenticated(proxy, decision_id, TokenError("token_missing", "no token in request"))
+            return self._unauthenticated(proxy, decision_id, TokenError(Code.TOKEN_MISSING, "no token in request"))
         try:
             claims = await self.verifier.verify(found.token, proxy.providers)
         except TokenError as error:
@@ -123,8 +123,8 @@ class Authorizer:
                 decision = self._allow(proxy, facts, request, claims, found, decision_id, why,
                                        forward_token=self.policy.providers[claims.provider].forward_token)
                 # Allowed, but counted and logged apart from real allows (code would_deny).
-                return replace(decision, code="would_deny", rule=rule, monitored=True, trace=verdict.trace)
-            return Decision(False, 403, "forbidden", why, decision_id, proxy.name, rule, claims,
+                return replace(decision, code=Code.WOULD_DENY, rule=rule, monitored=True, trace=verdict.trace)
+            return Decision(False, 403, Code.FORBIDDEN, why, decision_id, proxy.name, rule, claims,
                             trace=verdict.trace)
 
         # Response phase.
@@ -140,7 +140,7 @@ class Authorizer:
         filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
                        for f in proxy.filters)
         mutations = upstream_mutations(proxy, request, claims, found, forward_token, facts.stripping, filtered)
-        return Decision(True, 200, "allowed", why, decision_id, proxy.name, None, claims, mutations,
+        return Decision(True, 200, Code.ALLOWED, why, decision_id, proxy.name, None, claims, mutations,
                         metadata=handoff.to_metadata())
 
     def _handoff(self, proxy: Proxy, request: HttpRequest, claims: Claims, decision_id: str) -> Handoff:
@@ -167,6 +167,6 @@ class Authorizer:
         challenge = 'Bearer realm="extauthz"'
         if error.rfc6750_error:
             challenge += f', error="{error.rfc6750_error}"'
-        code = "token_missing" if error.code == "token_missing" else "invalid_token"
+        code = Code.TOKEN_MISSING if error.code == Code.TOKEN_MISSING else Code.INVALID_TOKEN
         return Decision(False, 401, code, f"{error.code}: {error.reason}", decision_id, proxy.name,
                         www_authenticate=challenge, mutations=Mutations())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -12,17 +13,39 @@ from extauthz.core.claims import ANONYMOUS, Claims
 from extauthz.core.rules import RuleTrace
 from extauthz.policy.model import Rule
 
-# Stable codes a client may rely on; the detailed reason only goes to the log.
-MESSAGES = {
-    "token_missing": "authentication required",
-    "invalid_token": "the access token is not valid",
-    "forbidden": "access to this resource is denied",
-    "keys_unavailable": "authentication is temporarily unavailable",
-    "no_policy": "no policy covers this request",
-    "bad_request": "the request cannot be read unambiguously",
-    "method_not_allowed": "this method is not allowed",
-    "internal_error": "authorization failed",
+
+class Code(StrEnum):
+    """What a Check decided, as a client may rely on it (the body's ``error``, the log's ``code``)."""
+
+    ALLOWED = "allowed"
+    WOULD_DENY = "would_deny"
+    """``mode: monitor`` allowed what enforcement would deny."""
+    TOKEN_MISSING = "token_missing"  # noqa: S105 - a code, not a secret
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a code, not a secret
+    FORBIDDEN = "forbidden"
+    KEYS_UNAVAILABLE = "keys_unavailable"
+    NO_POLICY = "no_policy"
+    BAD_REQUEST = "bad_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL_ERROR = "internal_error"
+
+
+# A fixed sentence per code: safe for any caller; the detailed reason only goes to the log.
+MESSAGES: Mapping[str, str] = {
+    Code.TOKEN_MISSING: "authentication required",
+    Code.INVALID_TOKEN: "the access token is not valid",
+    Code.FORBIDDEN: "access to this resource is denied",
+    Code.KEYS_UNAVAILABLE: "authentication is temporarily unavailable",
+    Code.NO_POLICY: "no policy covers this request",
+    Code.BAD_REQUEST: "the request cannot be read unambiguously",
+    Code.METHOD_NOT_ALLOWED: "this method is not allowed",
+    Code.INTERNAL_ERROR: "authorization failed",
 }
+
+
+def error_body(code: str, message: str, decision_id: str) -> bytes:
+    """The one JSON error body of both phases: ``{error, message, decisionId}``, no secrets."""
+    return orjson.dumps({"error": code, "message": message, "decisionId": decision_id})
 
 
 @dataclass(frozen=True)
@@ -61,11 +84,5 @@ class Decision:
         return self.claims.sub
 
     def body(self) -> bytes:
-        """The small JSON body of a denial: a stable code, no secrets."""
-        return orjson.dumps(
-            {
-                "error": self.code,
-                "message": MESSAGES.get(self.code, "access denied"),
-                "decisionId": self.decision_id,
-            }
-        )
+        """The small JSON body of a denial."""
+        return error_body(self.code, MESSAGES.get(self.code, "access denied"), self.decision_id)

@@ -12,9 +12,10 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from extauthz.core.claims import Claims
+from extauthz.errors import ExtauthzError
 
 
-class TokenError(Exception):
+class TokenError(ExtauthzError):
     """Why a token was refused. ``code`` is stable and safe to show; ``reason`` is for logs."""
 
     def __init__(self, code: str, reason: str, status: int = 401) -> None:

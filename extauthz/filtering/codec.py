@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Final, cast
 
 import brotli
 import orjson
 import re2
 
+from extauthz.errors import ExtauthzError
 from extauthz.filtering.engine import JsonValue
 
 SUPPORTED_ENCODINGS: Final = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})
@@ -32,10 +34,23 @@ _LONG_NUMBER: Final = re2.compile(rb"[0-9]{19}")
 _CHUNK: Final = 64 * 1024
 
 
-class Unfilterable(Exception):
+class BlockCode(StrEnum):
+    """Why a response a filter applies to was blocked (the 502 body's ``error``, the metric's label)."""
+
+    NOT_JSON = "not_json"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    BAD_ENCODING = "bad_encoding"
+    TOO_LARGE = "too_large"
+    INVALID_JSON = "invalid_json"
+    NO_IDENTITY = "no_identity"
+    PARTIAL_CONTENT = "partial_content"
+    FILTER_ERROR = "filter_error"
+
+
+class Unfilterable(ExtauthzError):
     """A response that a filter applies to but that cannot be filtered: it must be blocked."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: BlockCode, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
@@ -78,9 +93,9 @@ def decode(body: bytes, encodings: Sequence[str], limit: int) -> bytes:
         elif coding == "br":
             body = _unbrotli(body, limit)
         else:
-            raise Unfilterable("unsupported_encoding", f"content-encoding {coding!r} cannot be decoded")
+            raise Unfilterable(BlockCode.UNSUPPORTED_ENCODING, f"content-encoding {coding!r} cannot be decoded")
     if len(body) > limit:
-        raise Unfilterable("too_large", f"body of {len(body)} bytes exceeds the limit of {limit}")
+        raise Unfilterable(BlockCode.TOO_LARGE, f"body of {len(body)} bytes exceeds the limit of {limit}")
     return body
 
 
@@ -92,19 +107,19 @@ def _inflate(data: bytes, wbits: int, limit: int, coding: str) -> bytes:
         while pending:
             out += stream.decompress(pending, limit + 1 - len(out))
             if len(out) > limit:
-                raise Unfilterable("too_large", f"{coding} body expands beyond the limit of {limit} bytes")
+                raise Unfilterable(BlockCode.TOO_LARGE, f"{coding} body expands beyond the limit of {limit} bytes")
             if stream.eof:
                 break
             pending = stream.unconsumed_tail
         out += stream.flush()
     except zlib.error as exc:
-        raise Unfilterable("bad_encoding", f"{coding} body cannot be decoded: {exc}") from None
+        raise Unfilterable(BlockCode.BAD_ENCODING, f"{coding} body cannot be decoded: {exc}") from None
     if not stream.eof:
-        raise Unfilterable("bad_encoding", f"{coding} body is truncated")
+        raise Unfilterable(BlockCode.BAD_ENCODING, f"{coding} body is truncated")
     if stream.unused_data:
-        raise Unfilterable("bad_encoding", f"{coding} body has trailing bytes")
+        raise Unfilterable(BlockCode.BAD_ENCODING, f"{coding} body has trailing bytes")
     if len(out) > limit:
-        raise Unfilterable("too_large", f"{coding} body expands beyond the limit of {limit} bytes")
+        raise Unfilterable(BlockCode.TOO_LARGE, f"{coding} body expands beyond the limit of {limit} bytes")
     return bytes(out)
 
 
@@ -117,12 +132,12 @@ def _unbrotli(data: bytes, limit: int) -> bytes:
             while len(out) <= limit and not stream.can_accept_more_data():
                 out += stream.process(b"", output_buffer_limit=limit + 1 - len(out))
             if len(out) > limit:
-                raise Unfilterable("too_large", f"br body expands beyond the limit of {limit} bytes")
+                raise Unfilterable(BlockCode.TOO_LARGE, f"br body expands beyond the limit of {limit} bytes")
         finished = stream.is_finished()
     except brotli.error as exc:
-        raise Unfilterable("bad_encoding", f"br body cannot be decoded: {exc}") from None
+        raise Unfilterable(BlockCode.BAD_ENCODING, f"br body cannot be decoded: {exc}") from None
     if not finished:
-        raise Unfilterable("bad_encoding", "br body is truncated")
+        raise Unfilterable(BlockCode.BAD_ENCODING, "br body is truncated")
     return bytes(out)
 
 
@@ -137,7 +152,7 @@ def parse(body: bytes) -> tuple[JsonValue, bool]:
         document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant) if exact else orjson.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # orjson.JSONDecodeError and json.JSONDecodeError are ValueErrors.
-        raise Unfilterable("invalid_json", f"body is not valid JSON: {exc}") from None
+        raise Unfilterable(BlockCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
     return cast(JsonValue, document), exact
 
 
@@ -148,4 +163,4 @@ def serialize(document: JsonValue, exact: bool = False) -> bytes:
             return orjson.dumps(document)
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
-        raise Unfilterable("invalid_json", f"filtered document cannot be written: {exc}") from None
+        raise Unfilterable(BlockCode.INVALID_JSON, f"filtered document cannot be written: {exc}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extauthz.filtering.codec import Unfilterable, decode, parse, serialize
+from extauthz.filtering.codec import BlockCode, Unfilterable, decode, parse, serialize
 from extauthz.filtering.engine import apply_filters
 from extauthz.filtering.scope import Plan
 
@@ -24,9 +24,9 @@ class Filtered:
 def filter_body(plan: Plan, body: bytes, complete: bool = True) -> Filtered:
     """Filter a whole buffered body; ``complete=False`` means Envoy could not buffer all of it."""
     if not complete:
-        raise Unfilterable("too_large", "the body exceeds Envoy's buffer limit")
+        raise Unfilterable(BlockCode.TOO_LARGE, "the body exceeds Envoy's buffer limit")
     if len(body) > plan.limit:
-        raise Unfilterable("too_large", f"body of {len(body)} bytes exceeds the limit of {plan.limit}")
+        raise Unfilterable(BlockCode.TOO_LARGE, f"body of {len(body)} bytes exceeds the limit of {plan.limit}")
     decoded = decode(body, plan.encodings, plan.limit)
     if not decoded.strip():
         # Nothing to show and nothing to hide; an empty JSON-typed body stays empty.
@@ -35,5 +35,5 @@ def filter_body(plan: Plan, body: bytes, complete: bool = True) -> Filtered:
     try:
         shaped = apply_filters(plan.filters, document)
     except RecursionError:
-        raise Unfilterable("invalid_json", "document is nested too deeply to filter") from None
+        raise Unfilterable(BlockCode.INVALID_JSON, "document is nested too deeply to filter") from None
     return Filtered(serialize(shaped, exact), len(decoded))

@@ -25,7 +25,7 @@ from types import MappingProxyType
 
 from extauthz.core.handoff import Handoff
 from extauthz.core.scope import request_in_scope
-from extauthz.filtering.codec import content_encodings, unsupported
+from extauthz.filtering.codec import BlockCode, content_encodings, unsupported
 from extauthz.filtering.engine import BoundFilter, bind
 from extauthz.policy.model import Policy
 
@@ -81,7 +81,8 @@ class Plan:
     limit: int = 0
     declared_length: int | None = None
     """The upstream's content-length (already checked against the limit), None for chunked bodies."""
-    code: str = ""
+    code: BlockCode | None = None
+    """Why a BLOCK plan blocks."""
     detail: str = ""
 
 
@@ -107,7 +108,7 @@ def plan(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
             continue
         if head.partial:
             # Whatever the status scope says: a fragment cannot be filtered as a document.
-            return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="partial_content",
+            return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.PARTIAL_CONTENT,
                         detail=f"a {head.status} partial response to a filtered request")
         if flt.statuses is None or head.status in flt.statuses:
             filters.append(bind(flt, values))
@@ -122,15 +123,15 @@ def plan(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
     encodings = content_encodings(head.headers.get("content-encoding"))
     bad = unsupported(encodings)
     if bad is not None:
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="unsupported_encoding",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.UNSUPPORTED_ENCODING,
                     detail=f"content-encoding {bad!r} cannot be decoded")
     if not is_json(head.headers.get("content-type")):
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="not_json",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.NOT_JSON,
                     detail=f"content-type {head.headers.get('content-type')!r} is not JSON")
     declared = head.headers.get("content-length", "").strip()
     length = int(declared) if declared.isdigit() else None
     if length is not None and length > limit:
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code="too_large",
+        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.TOO_LARGE,
                     detail=f"content-length {declared} exceeds the limit of {limit}")
     return Plan(Action.BUFFER, proxy.name, handoff.decision_id, tuple(filters), encodings, limit, length)
 
@@ -146,6 +147,6 @@ def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead
     methods, paths = ((head.method,), (head.path,)) if head.method and head.path else ((), ())
     for flt in (f for p in policy.proxies for f in p.filters):
         if not paths or request_in_scope(flt, methods, paths, _EMPTY):
-            return Plan(Action.BLOCK, proxy, decision_id, code="no_identity",
+            return Plan(Action.BLOCK, proxy, decision_id, code=BlockCode.NO_IDENTITY,
                         detail="no verified request for a response a filter may apply to")
     return Plan(Action.PASS)

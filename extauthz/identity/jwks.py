@@ -26,6 +26,7 @@ import httpx
 import jwt
 import structlog
 
+from extauthz.errors import ExtauthzError
 from extauthz.policy.model import Provider
 
 UNKNOWN_KID_REFETCH_SECONDS = 10.0
@@ -46,7 +47,7 @@ longer find it).
 log = structlog.get_logger("extauthz.jwks")
 
 
-class KeysUnavailable(Exception):
+class KeysUnavailable(ExtauthzError):
     """No keys were ever loaded for this provider (the sidecar reports not-ready)."""
 
 

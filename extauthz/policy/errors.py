@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from extauthz.errors import ExtauthzError
+
 
 @dataclass(frozen=True)
 class Issue:
@@ -17,7 +19,7 @@ class Issue:
         return f"{where}: {self.field or '<root>'}: {self.message}"
 
 
-class PolicyError(Exception):
+class PolicyError(ExtauthzError):
     """Every problem found in one policy file; the running policy is never replaced by it."""
 
     def __init__(self, issues: list[Issue]) -> None:

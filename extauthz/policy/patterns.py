@@ -37,6 +37,8 @@ from typing import Protocol
 
 import re2
 
+from extauthz.errors import ExtauthzError
+
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\}\}")
 
 
@@ -44,7 +46,7 @@ class CompiledRegex(Protocol):
     def search(self, text: str) -> object | None: ...
 
 
-class PatternError(ValueError):
+class PatternError(ExtauthzError, ValueError):
     """A pattern that RE2 cannot compile; the message says why."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from extauthz.errors import ExtauthzError
+
 # Causes, as they appear in logs and in the ``cause`` metric label (a closed set,
 # so label cardinality stays bounded).
 TIMEOUT = "timeout"
@@ -39,7 +41,7 @@ Answer = bool | Failure
 """True (the relationship exists / the PDP allows), False, or why there is no answer."""
 
 
-class Unresolvable(Exception):
+class Unresolvable(ExtauthzError):
     """A question that cannot even be asked (a missing or invalid value); carries the failure."""
 
     def __init__(self, cause: str, detail: str) -> None:

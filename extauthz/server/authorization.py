@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.authorizer import Authorizer
-from extauthz.core.decision import Decision
+from extauthz.core.decision import Code, Decision
 from extauthz.core.request import HttpRequest
 from extauthz.observability import metrics
 from extauthz.observability.logging import log_decision
@@ -88,7 +88,7 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
 
 
 def internal_error(reason: str) -> Decision:
-    return Decision(False, 500, "internal_error", reason, str(uuid.uuid4()))
+    return Decision(False, 500, Code.INTERNAL_ERROR, reason, str(uuid.uuid4()))
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-import orjson
 import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -43,8 +42,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 
+from extauthz.core.decision import error_body
 from extauthz.core.handoff import Handoff
-from extauthz.filtering.codec import Unfilterable
+from extauthz.filtering.codec import BlockCode, Unfilterable
 from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Plan, ResponseHead, plan
 from extauthz.observability import metrics
@@ -66,15 +66,15 @@ BUFFER_CHUNKED_BODY = processing_mode_pb2.ProcessingMode(
 _OFFLOAD_BYTES = 64 * 1024
 
 # Safe for any caller to read: a stable code, a fixed sentence, the decision id.
-_MESSAGES = {
-    "not_json": "the response could not be filtered for this caller (not JSON)",
-    "unsupported_encoding": "the response could not be filtered for this caller (unsupported content-encoding)",
-    "bad_encoding": "the response could not be filtered for this caller (undecodable content-encoding)",
-    "too_large": "the response is too large to be filtered for this caller",
-    "invalid_json": "the response could not be filtered for this caller (invalid JSON)",
-    "no_identity": "the response could not be filtered: no verified identity",
-    "partial_content": "a partial response cannot be filtered for this caller; request the whole resource",
-    "filter_error": "the response could not be filtered for this caller",
+_MESSAGES: dict[BlockCode, str] = {
+    BlockCode.NOT_JSON: "the response could not be filtered for this caller (not JSON)",
+    BlockCode.UNSUPPORTED_ENCODING: "the response could not be filtered for this caller (unsupported content-encoding)",
+    BlockCode.BAD_ENCODING: "the response could not be filtered for this caller (undecodable content-encoding)",
+    BlockCode.TOO_LARGE: "the response is too large to be filtered for this caller",
+    BlockCode.INVALID_JSON: "the response could not be filtered for this caller (invalid JSON)",
+    BlockCode.NO_IDENTITY: "the response could not be filtered: no verified identity",
+    BlockCode.PARTIAL_CONTENT: "a partial response cannot be filtered for this caller; request the whole resource",
+    BlockCode.FILTER_ERROR: "the response could not be filtered for this caller",
 }
 
 
@@ -121,13 +121,9 @@ def _set(name: str, value: str) -> base_pb2.HeaderValueOption:
 _PRIVATE = _set("cache-control", "private, no-store")
 
 
-def blocked(code: str, decision_id: str) -> pb.ProcessingResponse:
+def blocked(code: BlockCode, decision_id: str) -> pb.ProcessingResponse:
     """A 502 with a small JSON body in place of the whole upstream response."""
-    body = orjson.dumps({
-        "error": code,
-        "message": _MESSAGES.get(code, _MESSAGES["filter_error"]),
-        "decisionId": decision_id or str(uuid.uuid4()),
-    })
+    body = error_body(code, _MESSAGES[code], decision_id or str(uuid.uuid4()))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=http_status_pb2.BadGateway),
@@ -176,8 +172,9 @@ class _Exchange:
             mode = BUFFER_CHUNKED_BODY if self.plan.declared_length is None else BUFFER_SIZED_BODY
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=mode)
         if action is Action.BLOCK:
-            self._record_block(self.plan.code, self.plan.detail, 0)
-            return blocked(self.plan.code, self.plan.decision_id)
+            code = self.plan.code or BlockCode.FILTER_ERROR
+            self._record_block(code, self.plan.detail, 0)
+            return blocked(code, self.plan.decision_id)
         if action is Action.STRIP_LENGTH:
             metrics.filter_outcomes.labels(self.plan.proxy, "filtered", "").inc()
             mutation = pb.HeaderMutation(set_headers=[_PRIVATE],
@@ -219,7 +216,7 @@ class _Exchange:
             header_mutation=mutation, body_mutation=pb.BodyMutation(body=result.body),
         )))
 
-    def _record_block(self, code: str, detail: str, size: int) -> None:
+    def _record_block(self, code: BlockCode, detail: str, size: int) -> None:
         metrics.filter_outcomes.labels(self.plan.proxy, "blocked", code).inc()
         log.warning("response_blocked", decision_id=self.plan.decision_id, proxy=self.plan.proxy,
                     code=code, detail=detail, upstream_bytes=size or None)
@@ -246,8 +243,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 # Fail closed: an error in here must never let the body through unfiltered.
                 log.exception("extproc_failed", phase=phase, error=f"{type(exc).__name__}: {exc}",
                               decision_id=exchange.plan.decision_id)
-                metrics.filter_outcomes.labels(exchange.plan.proxy, "blocked", "filter_error").inc()
-                response = blocked("filter_error", exchange.plan.decision_id)
+                metrics.filter_outcomes.labels(exchange.plan.proxy, "blocked", BlockCode.FILTER_ERROR).inc()
+                response = blocked(BlockCode.FILTER_ERROR, exchange.plan.decision_id)
             metrics.extproc_latency.labels(phase).observe(time.perf_counter() - started)
             yield response
         if exchange.plan.action is Action.BUFFER and not exchange.body_seen:

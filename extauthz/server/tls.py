@@ -24,6 +24,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from extauthz.errors import ExtauthzError
 from extauthz.observability import metrics
 from extauthz.policy.model import TlsSettings
 
@@ -32,7 +33,7 @@ log = structlog.get_logger("extauthz.tls")
 CHECK_INTERVAL_SECONDS = 1.0
 
 
-class TlsError(ValueError):
+class TlsError(ExtauthzError, ValueError):
     """A TLS file that cannot serve; ``field`` names the policy field (``certFile``...)."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from extauthz.errors import ExtauthzError
 from extauthz.identity.jwks import _parse_jwks, _thaw  # the very parser the key sets use
 from extauthz.policy.errors import Issue, PolicyError
 from extauthz.policy.loader import LDict, LList, _LineLoader, parse_policy
@@ -71,7 +72,7 @@ def parse_address(spec: str, unix: bool = True) -> ListenAddress:
     return ListenAddress(spec, host=host, port=int(port))
 
 
-class ListenError(OSError):
+class ListenError(ExtauthzError, OSError):
     """An address the server cannot listen on; the message names it and says why."""
 
 

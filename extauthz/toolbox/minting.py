@@ -28,12 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from extauthz.core.authorizer import select_proxy
 from extauthz.core.request import HttpRequest
+from extauthz.errors import ExtauthzError
 from extauthz.policy.model import Policy, Provider
 
 _CURVES: dict[str, ec.EllipticCurve] = {"ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}
 
 
-class MintError(ValueError):
+class MintError(ExtauthzError, ValueError):
     """The claims cannot be turned into a token for this policy (unknown provider...)."""
 
 
