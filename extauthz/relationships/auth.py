@@ -20,7 +20,7 @@ import orjson
 import structlog
 
 from extauthz.policy.model import BackendAuth
-from extauthz.relationships.base import AUTH, Failure
+from extauthz.relationships.base import Cause, Failure
 
 log = structlog.get_logger("extauthz.relationships")
 
@@ -54,7 +54,7 @@ class PresharedKey:
             self._checked = now
             self._reload()
         if not self._value:
-            return Failure(AUTH, f"preshared key file {self._path} is missing or empty")
+            return Failure(Cause.AUTH, f"preshared key file {self._path} is missing or empty")
         return self._value
 
     def _reload(self) -> None:
@@ -96,7 +96,7 @@ class ClientCredentials:
             async with asyncio.timeout(budget):
                 result = await asyncio.shield(task)
         except TimeoutError:
-            return Failure(AUTH, "token endpoint did not answer within the budget")
+            return Failure(Cause.AUTH, "token endpoint did not answer within the budget")
         return result if isinstance(result, Failure) else f"Bearer {result}"
 
     def invalidate(self) -> None:
@@ -118,7 +118,7 @@ class ClientCredentials:
         try:
             secret = Path(auth.client_secret_file).read_text().strip()
         except OSError as exc:
-            return Failure(AUTH, f"client secret file unreadable: {exc.strerror}")
+            return Failure(Cause.AUTH, f"client secret file unreadable: {exc.strerror}")
         form = {"grant_type": "client_credentials", "client_id": auth.client_id, "client_secret": secret}
         if auth.audience:
             form["audience"] = auth.audience
@@ -130,13 +130,13 @@ class ClientCredentials:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = Failure(AUTH, f"token endpoint unreachable: {type(exc).__name__}")
+            failure = Failure(Cause.AUTH, f"token endpoint unreachable: {type(exc).__name__}")
             log.error("relationship_token_failed", token_url=auth.token_url, cause=failure.detail)
             return failure
         token, lifetime = _parse_token(raw) if status == 200 else ("", 0.0)
         if not token:
             log.error("relationship_token_failed", token_url=auth.token_url, status=status)
-            return Failure(AUTH, f"token endpoint answered {status} without a usable access_token")
+            return Failure(Cause.AUTH, f"token endpoint answered {status} without a usable access_token")
         self._token = token
         self._expires = time.monotonic() + lifetime
         return token

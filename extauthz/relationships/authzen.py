@@ -25,7 +25,7 @@ import re2
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
 from extauthz.policy.model import AuthzenBackend, RouteTemplate
-from extauthz.relationships.base import MALFORMED, NO_ROUTE, NO_SUBJECT, Answer, Failure, Unresolvable
+from extauthz.relationships.base import Answer, Cause, Failure, Unresolvable
 from extauthz.relationships.transport import Transport
 
 _PARAM = re.compile(r"\{([^{}/]+)\}")  # the loader's route template syntax
@@ -77,14 +77,14 @@ class AuthzenPlan:
     def query(self, request: HttpRequest, claims: Claims) -> EvaluationQuery:
         """The evaluation request for this request; raises Unresolvable without a sub or a route."""
         if not claims.sub:
-            raise Unresolvable(NO_SUBJECT, "the verified token has no 'sub' to name the subject")
+            raise Unresolvable(Cause.NO_SUBJECT, "the verified token has no 'sub' to name the subject")
         matched = self.match(request.path)
         if matched is None:
-            raise Unresolvable(NO_ROUTE, "the path matches no route template of this backend")
+            raise Unresolvable(Cause.NO_ROUTE, "the path matches no route template of this backend")
         route, params = matched
         if route.methods is not None and request.method not in route.methods:
             # The most specific matching path lacks this operation: no other template may stand in.
-            raise Unresolvable(NO_ROUTE, f"{route.template} declares no {request.method} operation")
+            raise Unresolvable(Cause.NO_ROUTE, f"{route.template} declares no {request.method} operation")
         body = {
             "subject": {"type": "identity", "id": claims.sub},
             "action": {"name": request.method},
@@ -111,5 +111,5 @@ class AuthzenClient:
             return answer
         decision = answer.get("decision") if isinstance(answer, dict) else None
         if not isinstance(decision, bool):
-            return Failure(MALFORMED, "evaluation answer has no boolean 'decision'")
+            return Failure(Cause.MALFORMED, "evaluation answer has no boolean 'decision'")
         return decision

@@ -8,32 +8,38 @@ labelled with the backend and the cause, and it is never cached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from extauthz.errors import ExtauthzError
 
-# Causes, as they appear in logs and in the ``cause`` metric label (a closed set,
-# so label cardinality stays bounded).
-TIMEOUT = "timeout"
-CONNECT = "connect"
-STATUS_5XX = "status_5xx"
-STATUS_4XX = "status_4xx"
-THROTTLED = "throttled"
-MALFORMED = "malformed"
-AUTH = "auth"
-ITEM_ERROR = "item_error"
-INVALID_VALUE = "invalid_value"
-UNRESOLVED_VARIABLE = "unresolved_variable"
-NO_ROUTE = "no_route"
-NO_SUBJECT = "no_subject"
-NO_BACKEND = "no_backend"
-CANCELLED = "cancelled"
+
+class Cause(StrEnum):
+    """Why a backend gave no usable answer, as logs and the ``cause`` metric label spell it.
+
+    A closed set, so the label's cardinality stays bounded.
+    """
+
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    STATUS_5XX = "status_5xx"
+    STATUS_4XX = "status_4xx"
+    THROTTLED = "throttled"
+    MALFORMED = "malformed"
+    AUTH = "auth"
+    ITEM_ERROR = "item_error"
+    INVALID_VALUE = "invalid_value"
+    UNRESOLVED_VARIABLE = "unresolved_variable"
+    NO_ROUTE = "no_route"
+    NO_SUBJECT = "no_subject"
+    NO_BACKEND = "no_backend"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
     """Why a backend gave no usable answer; ``detail`` is for the log line only (no secrets)."""
 
-    cause: str
+    cause: Cause
     detail: str = ""
 
 
@@ -44,6 +50,6 @@ Answer = bool | Failure
 class Unresolvable(ExtauthzError):
     """A question that cannot even be asked (a missing or invalid value); carries the failure."""
 
-    def __init__(self, cause: str, detail: str) -> None:
+    def __init__(self, cause: Cause, detail: str) -> None:
         super().__init__(detail)
         self.failure = Failure(cause, detail)

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from extauthz.policy.model import Consistency, FgaCondition, OpenFgaBackend
-from extauthz.relationships.base import ITEM_ERROR, MALFORMED, Answer, Failure
+from extauthz.relationships.base import Answer, Cause, Failure
 from extauthz.relationships.templates import JsonRenderer, TupleString, compile_json
 from extauthz.relationships.transport import Transport
 
@@ -130,7 +130,7 @@ class OpenFgaClient:
             return answer
         allowed = answer.get("allowed") if isinstance(answer, dict) else None
         if not isinstance(allowed, bool):
-            return Failure(MALFORMED, "check answer has no boolean 'allowed'")
+            return Failure(Cause.MALFORMED, "check answer has no boolean 'allowed'")
         return allowed
 
     async def check_many(self, queries: Sequence[CheckQuery]) -> list[Answer]:
@@ -145,7 +145,7 @@ class OpenFgaClient:
             for start in range(0, len(indexes), MAX_CHECKS_PER_BATCH):
                 chunk = indexes[start:start + MAX_CHECKS_PER_BATCH]
                 calls.append((chunk, self._batch([queries[i] for i in chunk], consistency)))
-        results: list[Answer] = [Failure(MALFORMED)] * len(queries)
+        results: list[Answer] = [Failure(Cause.MALFORMED)] * len(queries)
         answers = await asyncio.gather(*(call for _, call in calls))
         for (chunk, _), chunk_answers in zip(calls, answers, strict=True):
             for i, answer in zip(chunk, chunk_answers, strict=True):
@@ -168,23 +168,23 @@ class OpenFgaClient:
             return [answer] * len(queries)
         result = answer.get("result") if isinstance(answer, dict) else None
         if not isinstance(result, dict):
-            return [Failure(MALFORMED, "batch-check answer has no 'result' object")] * len(queries)
+            return [Failure(Cause.MALFORMED, "batch-check answer has no 'result' object")] * len(queries)
         return [_batch_item(result.get(f"c{i}")) for i in range(len(queries))]
 
 
 def _batch_item(item: object) -> Answer:
     """One BatchCheckSingleResult: ``allowed`` counts only when ``error`` is empty."""
     if not isinstance(item, dict):
-        return Failure(MALFORMED, "batch-check answer lacks a correlation id it was asked")
+        return Failure(Cause.MALFORMED, "batch-check answer lacks a correlation id it was asked")
     error = item.get("error")
     if error is not None:
         if not isinstance(error, dict):
-            return Failure(MALFORMED, "batch-check item has a malformed 'error'")
+            return Failure(Cause.MALFORMED, "batch-check item has a malformed 'error'")
         codes = {error.get("input_error", "no_error"), error.get("internal_error", "no_internal_error")}
         if error.get("message") or not codes <= {"no_error", "no_internal_error", None}:
             text = ": ".join(str(v) for v in error.values() if v)[:200]
-            return Failure(ITEM_ERROR, f"batch-check item error ({text})")
+            return Failure(Cause.ITEM_ERROR, f"batch-check item error ({text})")
     allowed = item.get("allowed")
     if not isinstance(allowed, bool):
-        return Failure(MALFORMED, "batch-check item has no boolean 'allowed'")
+        return Failure(Cause.MALFORMED, "batch-check item has no boolean 'allowed'")
     return allowed

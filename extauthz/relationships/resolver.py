@@ -34,7 +34,7 @@ from extauthz.observability import metrics
 from extauthz.policy.model import BackendAuth, Consistency, Policy, Rule
 from extauthz.relationships.auth import ClientCredentials, credentials
 from extauthz.relationships.authzen import AuthzenClient, AuthzenPlan, EvaluationQuery
-from extauthz.relationships.base import CANCELLED, NO_BACKEND, Answer, Failure, Unresolvable
+from extauthz.relationships.base import Answer, Cause, Failure, Unresolvable
 from extauthz.relationships.cache import MemoryCache, SingleFlight
 from extauthz.relationships.openfga import CheckQuery, FgaPlan, OpenFgaClient
 from extauthz.relationships.redis_cache import RedisCache
@@ -183,7 +183,7 @@ class Relationships:
             elif (authzen := self._authzen.get(id(rule))) is not None:
                 question.query = authzen.query(request, claims)
             else:
-                question.answer = Failure(NO_BACKEND, "no backend is configured for this condition")
+                question.answer = Failure(Cause.NO_BACKEND, "no backend is configured for this condition")
         except Unresolvable as exc:
             question.answer = exc.failure
         return question
@@ -195,7 +195,7 @@ class Relationships:
                 found = await self.shared.get_many([ask.query.key for _, ask in lookups])
             except BaseException:
                 for _, ask in lookups:  # cancelled while waiting for Redis: release the followers
-                    self._flight.finish(ask.query.key, ask.future, Failure(CANCELLED, "cancelled"))
+                    self._flight.finish(ask.query.key, ask.future, Failure(Cause.CANCELLED, "cancelled"))
                 raise
         for q, ask in lookups:
             hit = found.get(ask.query.key)
@@ -217,7 +217,7 @@ class Relationships:
             # Whatever happened (even cancellation at shutdown), nobody waits forever.
             for asks in (*fetch.fga.values(), *fetch.authzen.values()):
                 for ask in asks:
-                    self._settle(ask, Failure(CANCELLED, "the lookup was cancelled"))
+                    self._settle(ask, Failure(Cause.CANCELLED, "the lookup was cancelled"))
 
     async def _ask_openfga(self, name: str, asks: list[_Ask]) -> None:
         queries = [ask.query for ask in asks if isinstance(ask.query, CheckQuery)]
@@ -245,7 +245,7 @@ class Relationships:
         answer = q.answer
         if isinstance(answer, bool):
             return answer
-        failure = answer if isinstance(answer, Failure) else Failure(CANCELLED, "no answer")
+        failure = answer if isinstance(answer, Failure) else Failure(Cause.CANCELLED, "no answer")
         metrics.relationship_unresolved.labels(q.backend or "none", failure.cause).inc()
         log.warning("relationship_unresolved", backend=q.backend, cause=failure.cause, detail=failure.detail,
                     rule_index=q.rule.index, request_id=request.request_id)

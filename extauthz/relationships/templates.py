@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from extauthz.policy.patterns import PLACEHOLDER, Template
-from extauthz.relationships.base import INVALID_VALUE, UNRESOLVED_VARIABLE, Unresolvable
+from extauthz.relationships.base import Cause, Unresolvable
 
 # Whitespace (including Unicode spaces, which `\s` covers for str), the tuple
 # separators, C0/C1 controls and the invisible format characters that render as nothing.
@@ -57,10 +57,10 @@ class TupleString:
                 continue
             value = values.get(text)
             if value is None:
-                raise Unresolvable(UNRESOLVED_VARIABLE, f"variable {text!r} in {self.source!r} is unresolved")
+                raise Unresolvable(Cause.UNRESOLVED_VARIABLE, f"variable {text!r} in {self.source!r} is unresolved")
             if not valid_value(value):
                 # The value itself is not logged: it is caller-controlled and may be hostile.
-                raise Unresolvable(INVALID_VALUE, f"variable {text!r} in {self.source!r} has a value that "
+                raise Unresolvable(Cause.INVALID_VALUE, f"variable {text!r} in {self.source!r} has a value that "
                                    "may not be interpolated (empty, whitespace, '#', ':' or control character)")
             out.append(value)
         return "".join(out)
@@ -86,7 +86,7 @@ def compile_json(value: object) -> JsonRenderer:
         def render_string(values: Mapping[str, str]) -> str:
             text = template.render(values)
             if text is None:
-                raise Unresolvable(UNRESOLVED_VARIABLE, f"a variable in context value {value!r} is unresolved")
+                raise Unresolvable(Cause.UNRESOLVED_VARIABLE, f"a variable in context value {value!r} is unresolved")
             return text
 
         return render_string

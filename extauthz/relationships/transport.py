@@ -24,16 +24,7 @@ import orjson
 
 from extauthz.observability import metrics
 from extauthz.relationships.auth import Credentials
-from extauthz.relationships.base import (
-    AUTH,
-    CONNECT,
-    MALFORMED,
-    STATUS_4XX,
-    STATUS_5XX,
-    THROTTLED,
-    TIMEOUT,
-    Failure,
-)
+from extauthz.relationships.base import Cause, Failure
 
 _MIN_ATTEMPT_SECONDS = 0.01
 """A retry is not worth starting with less time than this left."""
@@ -75,7 +66,7 @@ class Transport:
         retry: float | None = None
         started: float | None = None
         if remaining <= 0:
-            failure = Failure(TIMEOUT, "budget spent before the attempt")
+            failure = Failure(Cause.TIMEOUT, "budget spent before the attempt")
             self._observe(api, started, failure)
             return failure, retry
         headers = _JSON
@@ -94,24 +85,24 @@ class Transport:
                 status = response.status
                 retry_header = response.headers.get("retry-after")
         except TimeoutError:
-            failure = Failure(TIMEOUT, f"no answer within {remaining * 1000:.0f} ms")
+            failure = Failure(Cause.TIMEOUT, f"no answer within {remaining * 1000:.0f} ms")
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            failure, retry = Failure(CONNECT, type(exc).__name__), 0.0
+            failure, retry = Failure(Cause.CONNECT, type(exc).__name__), 0.0
         except aiohttp.ClientError as exc:
-            failure = Failure(MALFORMED, f"bad HTTP answer: {type(exc).__name__}")
+            failure = Failure(Cause.MALFORMED, f"bad HTTP answer: {type(exc).__name__}")
         else:
             if status == 200:
                 try:
                     answer = orjson.loads(raw)
                 except orjson.JSONDecodeError:
-                    failure = Failure(MALFORMED, "200 with a body that is not JSON")
+                    failure = Failure(Cause.MALFORMED, "200 with a body that is not JSON")
                 else:
                     self._observe(api, started)
                     return answer, retry
             elif status == 401 and self.credentials is not None:
                 # A rotated key or an expired token: drop it and retry once with a fresh one.
                 self.credentials.invalidate()
-                failure, retry = Failure(AUTH, f"HTTP 401{_error_message(raw)}"), 0.0
+                failure, retry = Failure(Cause.AUTH, f"HTTP 401{_error_message(raw)}"), 0.0
             else:
                 failure = Failure(_cause(status), f"HTTP {status}{_error_message(raw)}")
                 if status >= 500 or status == 429:
@@ -129,10 +120,10 @@ class Transport:
             metrics.relationship_calls.labels(self.backend, api, "error", failure.cause).inc()
 
 
-def _cause(status: int) -> str:
+def _cause(status: int) -> Cause:
     if status == 429:
-        return THROTTLED
-    return STATUS_5XX if status >= 500 else STATUS_4XX
+        return Cause.THROTTLED
+    return Cause.STATUS_5XX if status >= 500 else Cause.STATUS_4XX
 
 
 def _retry_after(value: str | None) -> float:
