@@ -1,4 +1,4 @@
-"""Token verification (POLICY §1) against a real IdP serving JWKS over HTTP."""
+"""Token verification (docs/policy.md, providers) against a real IdP serving JWKS over HTTP."""
 
 from __future__ import annotations
 

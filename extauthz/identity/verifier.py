@@ -1,4 +1,4 @@
-"""Token verification (POLICY §1): signature, issuer, audience, time claims.
+"""Token verification (docs/policy.md, providers): signature, issuer, audience, time claims.
 
 The verifier routes a token to its provider by the (unverified) ``iss`` claim,
 restricted to the providers the proxy trusts, then verifies it with PyJWT using

@@ -6,7 +6,7 @@ stall the sidecar. RE2 rejects backreferences and lookaround; the loader reports
 that as a policy error instead of silently falling back to a backtracking engine.
 
 A pattern may hold ``{{name}}`` placeholders. Their values are regex-escaped
-before compilation (POLICY §2), so a value of ``.*`` matches only the two
+before compilation (docs/policy.md), so a value of ``.*`` matches only the two
 characters ``.*``. Patterns without placeholders are compiled once at load time;
 interpolated ones are compiled once per distinct value through a cache.
 
