@@ -153,8 +153,12 @@ async def _explain_offline(config: Path, request: Any, identity: Any) -> Any:
     from extauthz.toolbox.explain import decide
 
     policy = load_for_serving(config)
-    async with httpx.AsyncClient() as http:
-        return await decide(policy, request, identity, http, build_resolver(policy))
+    resolver = build_resolver(policy)
+    try:
+        async with httpx.AsyncClient() as http:
+            return await decide(policy, request, identity, http, resolver)
+    finally:
+        await resolver.aclose()  # its connection pools (aiohttp) would be reported as unclosed
 
 
 def _test(args: argparse.Namespace) -> int:

@@ -87,3 +87,28 @@ def test_the_demo_without_a_source_checkout_says_what_to_install(
     assert main(["demo"]) == Exit.MISSING
     err = capsys.readouterr().err
     assert "pip install -e '.[dev]'" in err and "envoy/envoy.yaml" in err
+
+
+def test_explain_with_a_relationship_backend_closes_what_it_opens(tmp_path: Path) -> None:
+    """No "Unclosed client session" after the answer: the resolver's pools are closed."""
+    (tmp_path / "policy.yaml").write_text("""providers:
+  - {name: idp, issuer: https://idp.example, jwksUri: "http://127.0.0.1:1/jwks", audiences: [api]}
+relationships:
+  openfga:
+    - {name: fga, url: "http://127.0.0.1:1", storeId: 01HZX8M5Q2R7T9V3W4Y6Z8B0CD,
+       authorizationModelId: 01HZX8N2K4M6P8R0T2V4X6Z8AB}
+proxies:
+  - name: api
+    rules:
+      - effect: allow
+        variables: [{name: id, source: pathSegment, index: 1}]
+        fga: {user: "user:{{sub}}", relation: viewer, object: "doc:{{id}}"}
+""")
+    done = subprocess.run(
+        [sys.executable, "-m", "extauthz", "explain", "--config", str(tmp_path / "policy.yaml"),
+         "GET", "/docs/1", "--claims", '{"sub": "u"}'],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == Exit.OK, done.stderr
+    assert "relationship unresolved" in done.stdout  # the backend was asked (and is unreachable)
+    assert "Unclosed" not in done.stderr, done.stderr
