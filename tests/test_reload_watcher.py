@@ -104,6 +104,10 @@ def test_reload_keeps_the_running_policy_when_the_new_one_cannot_get_keys(tmp_pa
                 assert not decided_new.allowed and decided_new.policy == sidecar.runtime.policy.digest
             finally:
                 await sidecar.close()
+            # Shutdown also closes the runtime the reload replaced (before its 30 s grace ran out):
+            # no JWKS refresh of either policy is left running.
+            left = [t for t in asyncio.all_tasks() if t.get_name().startswith("jwks:") and not t.done()]
+            assert left == []
 
     asyncio.run(scenario())
 

@@ -113,6 +113,10 @@ class Sidecar:
         self._reload_lock = asyncio.Lock()
         self.loaded_at = _now()
         self.last_reload: ReloadReport | None = None
+        # Runtimes replaced by a reload, closed once the requests they serve are done
+        # (or at shutdown); held here so neither the timer nor the task is lost.
+        self._retired: dict[Runtime, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def start(cls, path: Path) -> Sidecar:
@@ -171,7 +175,7 @@ class Sidecar:
                                    "apply at start; the new rules and providers are live")
             # In-flight requests hold the old runtime; close it once they are done.
             grace = max(30.0, policy.server.drain_seconds)
-            asyncio.get_running_loop().call_later(grace, lambda: asyncio.ensure_future(old.close()))
+            self._retired[old] = asyncio.get_running_loop().call_later(grace, self._close_retired, old)
             return ReloadOutcome.RELOADED
 
     def _refused(self, outcome: ReloadOutcome, digest: str, errors: list[str]) -> ReloadOutcome:
@@ -201,6 +205,18 @@ class Sidecar:
         }
         return runtime.ready, body
 
+    def _close_retired(self, old: Runtime) -> None:
+        self._retired.pop(old, None)
+        task = asyncio.ensure_future(old.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
+        """The running runtime, those a reload replaced (their timers cancelled), then the shared client."""
+        for old, timer in list(self._retired.items()):
+            timer.cancel()
+            self._close_retired(old)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         await self.runtime.close()
         await self.http.aclose()
