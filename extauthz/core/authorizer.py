@@ -1,6 +1,9 @@
-"""The request pipeline: proxy -> identity -> authorization -> response.
+"""The request pipeline: admission -> identity -> authorization -> response.
 
-Shaped like Authorino's auth pipeline, one phase per step, each a small function.
+Shaped like Authorino's auth pipeline, one phase per step, each a small method:
+``_admit`` (which proxy, and can the request be read unambiguously), ``_identify``
+(a public path or a verified token), :func:`~extauthz.core.rules.evaluate` and
+``_respond`` (Envoy's answer, with the upstream mutations and the hand-off).
 This module knows nothing about gRPC or protobuf: the ext_authz servicer, the CLI
 (`extauthz explain`) and the tests all call :meth:`Authorizer.check` with a plain
 :class:`HttpRequest` and get a plain :class:`Decision` back.
@@ -19,7 +22,7 @@ from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
 from extauthz.core.normalize import REFUSED_METHODS, STANDARD_METHODS, method_matches
 from extauthz.core.request import HttpRequest
-from extauthz.core.rules import NoRelationships, RelationshipResolver, evaluate
+from extauthz.core.rules import NoRelationships, RelationshipResolver, Verdict, evaluate
 from extauthz.core.scope import request_in_scope
 from extauthz.core.tokens import FoundToken, find_token
 from extauthz.core.variables import resolve
@@ -63,6 +66,17 @@ class _ProxyFacts:
         return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS))
 
 
+@dataclass(frozen=True)
+class _Check:
+    """One request admitted to the pipeline: its readings, decision id and the proxy that decides."""
+
+    request: HttpRequest
+    views: tuple[HttpRequest, ...]
+    decision_id: str
+    proxy: Proxy
+    facts: _ProxyFacts
+
+
 class Authorizer:
     def __init__(
         self, policy: Policy, verifier: TokenVerifier,
@@ -78,7 +92,18 @@ class Authorizer:
         return replace(await self._decide(request), policy=self.policy.digest)
 
     async def _decide(self, request: HttpRequest) -> Decision:
-        decision_id = str(uuid.uuid4())
+        check = self._admit(request, str(uuid.uuid4()))
+        if isinstance(check, Decision):
+            return check
+        identity = await self._identify(check)
+        if isinstance(identity, Decision):
+            return identity
+        claims, found = identity
+        verdict = await evaluate(check.proxy, request, claims, self.relationships)
+        return self._respond(check, claims, found, verdict)
+
+    def _admit(self, request: HttpRequest, decision_id: str) -> _Check | Decision:
+        """Admission: which proxy decides, and can the request be read unambiguously at all."""
         if request.host_name is None:
             return Decision(False, 400, Code.BAD_REQUEST, f"host {request.host!r} has no single reading", decision_id)
         proxy = select_proxy(self.policy, request)
@@ -97,71 +122,69 @@ class Authorizer:
             ):
                 return Decision(False, 405, Code.METHOD_NOT_ALLOWED,
                                 f"method {view.method} is refused unless a rule names it", decision_id, proxy.name)
-        # Public paths skip authentication, but the sidecar's headers are still enforced.
+        return _Check(request, views, decision_id, proxy, facts)
+
+    async def _identify(self, check: _Check) -> tuple[Claims, FoundToken] | Decision:
+        """Identity: a public path (anonymous, but the sidecar's headers still enforced) or a verified token."""
+        proxy = check.proxy
         for public in proxy.public_paths:
             if all((public.methods is None or method_matches(public.methods, v.method)) and public.path.search(v.path)
-                   for v in views):
-                return self._allow(proxy, facts, request, ANONYMOUS, None, decision_id,
-                                   f"public path {public.path.source!r}", forward_token=True)
-
-        # Identity phase.
-        found = find_token(request, facts.stripping.sources)
+                   for v in check.views):
+                return self._allow(check, ANONYMOUS, None, f"public path {public.path.source!r}", forward_token=True)
+        found = find_token(check.request, check.facts.stripping.sources)
         if found is None:
-            return self._unauthenticated(proxy, decision_id, TokenError(Code.TOKEN_MISSING, "no token in request"))
+            return self._unauthenticated(check, TokenError(Code.TOKEN_MISSING, "no token in request"))
         try:
-            claims = await self.verifier.verify(found.token, proxy.providers)
+            return await self.verifier.verify(found.token, proxy.providers), found
         except TokenError as error:
-            return self._unauthenticated(proxy, decision_id, error)
+            return self._unauthenticated(check, error)
 
-        # Authorization phase.
-        verdict = await evaluate(proxy, request, claims, self.relationships)
-        rule = verdict.rule
+    def _respond(self, check: _Check, claims: Claims, found: FoundToken, verdict: Verdict) -> Decision:
+        """Response: the verdict as Envoy's answer (a monitored deny is an allow that says so)."""
+        proxy, rule = check.proxy, verdict.rule
         why = f"rule #{rule.index} ({rule.effect.value})" + (f": {rule.notes}" if rule.notes else "") \
             if rule else f"default {proxy.default_effect.value}"
-        if verdict.effect is Effect.DENY:
-            if proxy.mode is Mode.MONITOR:
-                decision = self._allow(proxy, facts, request, claims, found, decision_id, why,
-                                       forward_token=self.policy.providers[claims.provider].forward_token)
-                # Allowed, but counted and logged apart from real allows (code would_deny).
-                return replace(decision, code=Code.WOULD_DENY, rule=rule, monitored=True, trace=verdict.trace)
-            return Decision(False, 403, Code.FORBIDDEN, why, decision_id, proxy.name, rule, claims,
+        if verdict.effect is Effect.DENY and proxy.mode is not Mode.MONITOR:
+            return Decision(False, 403, Code.FORBIDDEN, why, check.decision_id, proxy.name, rule, claims,
                             trace=verdict.trace)
-
-        # Response phase.
-        decision = self._allow(proxy, facts, request, claims, found, decision_id, why,
+        decision = self._allow(check, claims, found, why,
                                forward_token=self.policy.providers[claims.provider].forward_token)
+        if verdict.effect is Effect.DENY:  # monitor mode: allowed, but counted and logged as would_deny
+            return replace(decision, code=Code.WOULD_DENY, rule=rule, monitored=True, trace=verdict.trace)
         return replace(decision, rule=rule, trace=verdict.trace)
 
     def _allow(
-        self, proxy: Proxy, facts: _ProxyFacts, request: HttpRequest, claims: Claims, found: FoundToken | None,
-        decision_id: str, why: str, forward_token: bool,
+        self, check: _Check, claims: Claims, found: FoundToken | None, why: str, forward_token: bool,
     ) -> Decision:
-        handoff = self._handoff(proxy, request, claims, decision_id)
+        proxy = check.proxy
+        handoff = self._handoff(check, claims)
         filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
                        for f in proxy.filters)
-        mutations = upstream_mutations(proxy, request, claims, found, forward_token, facts.stripping, filtered)
-        return Decision(True, 200, Code.ALLOWED, why, decision_id, proxy.name, None, claims, mutations,
+        mutations = upstream_mutations(proxy, check.request, claims, found, forward_token, check.facts.stripping,
+                                       filtered)
+        return Decision(True, 200, Code.ALLOWED, why, check.decision_id, proxy.name, None, claims, mutations,
                         metadata=handoff.to_metadata())
 
-    def _handoff(self, proxy: Proxy, request: HttpRequest, claims: Claims, decision_id: str) -> Handoff:
+    def _handoff(self, check: _Check, claims: Claims) -> Handoff:
         """What the response phase needs: the request's readings and each filter's variables.
 
         A variable whose value differs between readings of the request is left
         out (unresolved), so the filter resolves towards showing less.
         """
-        views = request.views or (request,)
+        views = check.views
         values: list[dict[str, str]] = []
-        for flt in proxy.filters:
+        for flt in check.proxy.filters:
             per_view = [resolve(flt.variables, view, claims) for view in views]
             values.append({k: v for k, v in per_view[0].items() if all(o.get(k) == v for o in per_view[1:])})
         return Handoff(
-            decision_id=decision_id, proxy=proxy.name, policy=self.policy.digest,
+            decision_id=check.decision_id, proxy=check.proxy.name, policy=self.policy.digest,
             methods=tuple(dict.fromkeys(v.method for v in views)), paths=tuple(dict.fromkeys(v.path for v in views)),
-            host=request.host_name or "",
+            host=check.request.host_name or "",
             filter_values=tuple(values),
         )
 
-    def _unauthenticated(self, proxy: Proxy, decision_id: str, error: TokenError) -> Decision:
+    def _unauthenticated(self, check: _Check, error: TokenError) -> Decision:
+        decision_id, proxy = check.decision_id, check.proxy
         if error.status != 401:
             return Decision(False, error.status, error.code, error.reason, decision_id, proxy.name)
         challenge = 'Bearer realm="extauthz"'
