@@ -145,7 +145,9 @@ def ops_stack(
         try:
             wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 30, process)
             if with_envoy:
-                envoy = Envoy(render_envoy_config(ports, edit=edit_envoy), log_path=workdir / "envoy.log").start()
+                # Held before it starts, so a failed start still stops it and removes its config folder.
+                envoy = Envoy(render_envoy_config(ports, edit=edit_envoy), log_path=workdir / "envoy.log")
+                envoy.start()
             yield OpsStack(idp, upstream, envoy, ports, metrics_port, workdir, process, log_path)
         finally:
             if envoy is not None:

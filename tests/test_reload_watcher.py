@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import logging
+import socket
+import time
 from pathlib import Path
+
+import pytest
 
 from extauthz.core.request import HttpRequest
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import free_port
 from extauthz.server.reload import PolicyWatcher
-from extauthz.server.runtime import ReloadOutcome, Sidecar
+from extauthz.server.runtime import ReloadOutcome, Runtime, Sidecar
 from tests.ops_stack import kubelet_layout, kubelet_update
 
 VALID = "proxies: [{name: a}]\n"
@@ -130,3 +136,106 @@ def test_sighup_reloads_at_once_when_the_watcher_is_off(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
             time.sleep(0.05)
         assert stack.readyz()["lastReload"]["result"] == "reloaded"
+
+
+def _other_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+
+def test_shutdown_closes_the_runtime_a_reload_replaced_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The old runtime's close is held by the sidecar, not left to a timer nobody owns."""
+    closed: list[str] = []
+    close = Runtime.close
+
+    async def recording_close(self: Runtime) -> None:
+        closed.append(self.policy.digest)
+        await close(self)
+
+    monkeypatch.setattr(Runtime, "close", recording_close)
+
+    async def scenario() -> None:
+        with IdentityProvider() as idp:
+            path = tmp_path / "policy.yaml"
+            path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
+            sidecar = await Sidecar.start(path)
+            first = sidecar.runtime.policy.digest
+            path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="DELETE"))
+            assert await sidecar.reload() is ReloadOutcome.RELOADED
+            second = sidecar.runtime.policy.digest
+            assert closed == []  # requests may still be running on the first policy: kept for its grace
+            started = time.monotonic()
+            await sidecar.close()
+            assert time.monotonic() - started < 5  # not the 30 s grace
+            assert closed == [first, second]
+            assert _other_tasks() == []  # no key refresh, no close task, nothing left behind
+            with pytest.raises(RuntimeError, match="closed"):
+                await sidecar.reload()
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    asyncio.run(scenario())
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+def test_shutdown_cancels_a_sighup_reload_midway_and_leaks_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload still fetching keys at shutdown is cancelled; the key refresh it had started is stopped."""
+
+    async def scenario() -> None:
+        with IdentityProvider() as idp, socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()  # accepts connections (the backlog), never answers: the JWKS fetch hangs
+            path = tmp_path / "policy.yaml"
+            path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
+            sidecar = await Sidecar.start(path)
+            first = sidecar.runtime.policy.digest
+            path.write_text(f"""providers:
+  - {{name: fresh, issuer: {idp.issuer}, jwksUri: {idp.jwks_uri}, audiences: [api]}}
+  - {{name: silent, issuer: https://silent.example, jwksUri: "http://127.0.0.1:{silent.getsockname()[1]}/jwks",
+     audiences: [api]}}
+proxies:
+  - {{name: api, rules: [{{effect: allow}}]}}
+""")
+            sidecar.reload_soon()
+            deadline = time.monotonic() + 10
+            while not any(t.get_name() == "jwks:fresh" for t in _other_tasks()):  # first keys in, second hanging
+                assert time.monotonic() < deadline, "the reload never got to the second provider"
+                await asyncio.sleep(0.01)
+            await sidecar.close()
+            assert sidecar.runtime.policy.digest == first  # the reload never finished
+            assert _other_tasks() == []
+            sidecar.reload_soon()  # after shutdown: nothing starts
+            assert _other_tasks() == []
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    asyncio.run(scenario())
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+def test_a_sidecar_that_cannot_build_its_first_runtime_closes_its_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    closed: list[httpx.AsyncClient] = []
+    aclose = httpx.AsyncClient.aclose
+
+    async def recording_aclose(self: httpx.AsyncClient) -> None:
+        closed.append(self)
+        await aclose(self)
+
+    async def failing_build(policy: object, http: httpx.AsyncClient) -> Runtime:
+        raise OSError("no keys today")
+
+    monkeypatch.setattr(httpx.AsyncClient, "aclose", recording_aclose)
+    monkeypatch.setattr(Runtime, "build", failing_build)
+    path = tmp_path / "policy.yaml"
+    path.write_text(VALID)
+
+    async def scenario() -> None:
+        with pytest.raises(OSError, match="no keys today"):
+            await Sidecar.start(path)
+        assert len(closed) == 1 and closed[0].is_closed
+
+    asyncio.run(scenario())

@@ -214,3 +214,47 @@ def test_validate_rejects_what_the_server_would_reject_and_serve_agrees(
 def test_validate_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "validate", str(EXAMPLE_POLICY))
     assert code == 0 and ": OK (digest " in out
+
+
+def test_explain_and_test_close_the_relationship_pools_they_open(tmp_path: Path) -> None:
+    """With a real OpenFGA answering (a live keep-alive connection in the pool), explain and test
+    exit 0 without "Unclosed client session"/"Unclosed connector" or any ResourceWarning."""
+    from tests.openfga_server import journeys_server
+
+    with journeys_server() as fga:
+        (tmp_path / "policy.yaml").write_text(f"""providers:
+  - {{name: idp, issuer: https://idp.example, jwksUri: "http://127.0.0.1:1/jwks", audiences: [api]}}
+relationships:
+  openfga:
+    - {json.dumps(fga.backend())}
+proxies:
+  - name: api
+    rules:
+      - effect: allow
+        variables: [{{name: journeyId, source: pathSegment, index: 1}}]
+        fga: {{user: "user:{{{{sub}}}}", relation: viewer, object: "journey:{{{{journeyId}}}}"}}
+""")
+        (tmp_path / "t.yaml").write_text("""policy: policy.yaml
+tests:
+  - name: viewer
+    request: {path: /journeys/roadmap}
+    token: {claims: {sub: anne}}
+    relationships: [{rule: 0, exists: true}]
+    expect: {result: allow, rule: 0}
+""")
+        cli = [sys.executable, "-W", "always::ResourceWarning", "-m", "extauthz"]
+        explain = subprocess.run(
+            [*cli, "explain", "--config", str(tmp_path / "policy.yaml"), "GET", "/journeys/roadmap",
+             "--claims", '{"sub": "anne"}'],
+            check=False, capture_output=True, text=True, timeout=60,
+        )
+        asked = len(fga.calls)
+        tested = subprocess.run([*cli, "test", str(tmp_path / "t.yaml")],
+                                check=False, capture_output=True, text=True, timeout=60)
+    assert explain.returncode == 0, explain.stderr
+    assert explain.stdout.startswith("decision  ALLOW 200"), explain.stdout  # OpenFGA was asked and said yes
+    assert asked >= 1
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    for done in (explain, tested):
+        assert "Unclosed" not in done.stderr, done.stderr
+        assert "ResourceWarning" not in done.stderr, done.stderr

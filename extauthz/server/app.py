@@ -103,6 +103,7 @@ class Server:
         """Report NOT_SERVING for good (draining); RPCs are still answered."""
         if self._watch is not None:
             self._watch.cancel()
+            await asyncio.wait([self._watch])  # ended before the health status is set for good
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
@@ -167,14 +168,8 @@ async def serve(
         stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    pending: set[asyncio.Task[object]] = set()
-
-    def reload_now() -> None:
-        task: asyncio.Task[object] = asyncio.ensure_future(sidecar.reload())
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_now)
+    # The sidecar holds the reload task; closing it cancels a reload still in progress.
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_soon)
     await stop.wait()
     drain_seconds = sidecar.runtime.policy.server.drain_seconds if drain.is_set() else 0.0
     log.info("draining", drain_seconds=drain_seconds, signal="SIGTERM" if drain.is_set() else "SIGINT")

@@ -91,7 +91,8 @@ class PolicyWatcher:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="policy-watcher")
+        if self._task is None or self._task.done():  # one polling task at a time, held until stop()
+            self._task = asyncio.create_task(self._run(), name="policy-watcher")
 
     async def stop(self) -> None:
         if self._task is not None:

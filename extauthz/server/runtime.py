@@ -81,10 +81,14 @@ class Runtime:
     async def build(cls, policy: Policy, http: httpx.AsyncClient) -> Runtime:
         cache = MeteredTokenCache(policy.server.token_cache_size, policy.server.token_cache_ttl_seconds)
         verifier = Verifier(policy.providers, http, cache, metrics.record_jwks_fetch)
-        await verifier.start()
-        from extauthz.relationships import build_resolver
+        try:
+            await verifier.start()
+            from extauthz.relationships import build_resolver
 
-        return cls(policy, verifier, Authorizer(policy, verifier, build_resolver(policy)))
+            return cls(policy, verifier, Authorizer(policy, verifier, build_resolver(policy)))
+        except BaseException:  # failed or cancelled half-way: stop the key refreshes already started
+            await verifier.close()
+            raise
 
     @property
     def ready(self) -> bool:
@@ -117,12 +121,19 @@ class Sidecar:
         # (or at shutdown); held here so neither the timer nor the task is lost.
         self._retired: dict[Runtime, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Reloads started by reload_soon (SIGHUP), cancelled at shutdown.
+        self._reloads: set[asyncio.Task[ReloadOutcome]] = set()
+        self._closed = False
 
     @classmethod
     async def start(cls, path: Path) -> Sidecar:
         policy = load_for_serving(path)
         http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
-        sidecar = cls(path, http, await Runtime.build(policy, http))
+        try:
+            sidecar = cls(path, http, await Runtime.build(policy, http))
+        except BaseException:
+            await http.aclose()
+            raise
         metrics.policy_info.labels(policy.digest).set(1)
         log.info("policy_loaded", file=str(path), digest=policy.digest, proxies=[p.name for p in policy.proxies])
         return sidecar
@@ -139,6 +150,8 @@ class Sidecar:
         answers 503, so it is refused as ``UNAVAILABLE`` and retried by the watcher.
         """
         async with self._reload_lock:
+            if self._closed:
+                raise RuntimeError("the sidecar is closed: nothing may be reloaded into it")
             try:
                 policy = await asyncio.to_thread(load_for_serving, self.path)
             except PolicyError as exc:
@@ -205,18 +218,45 @@ class Sidecar:
         }
         return runtime.ready, body
 
+    def reload_soon(self) -> None:
+        """Reload in the background (SIGHUP); the task is held here and cancelled by :meth:`close`."""
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self.reload(), name="policy-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._task_done)
+
     def _close_retired(self, old: Runtime) -> None:
         self._retired.pop(old, None)
-        task = asyncio.ensure_future(old.close())
+        task = asyncio.get_running_loop().create_task(old.close(), name="close-retired-runtime")
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A background task ended: let go of it, and log what it failed with (nobody awaits it)."""
+        self._reloads.discard(task)
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("background_task_failed", task=task.get_name(), error=f"{type(error).__name__}: {error}")
 
     async def close(self) -> None:
-        """The running runtime, those a reload replaced (their timers cancelled), then the shared client."""
-        for old, timer in list(self._retired.items()):
-            timer.cancel()
-            self._close_retired(old)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-        await self.runtime.close()
-        await self.http.aclose()
+        """Stop reloading, then close every runtime and the shared client.
+
+        Reloads started by :meth:`reload_soon` are cancelled; any other reload in
+        progress is waited for, so no runtime is built after this returns. Runtimes
+        a reload replaced are closed now, without waiting for their grace period.
+        """
+        self._closed = True
+        for task in list(self._reloads):
+            task.cancel()
+        if self._reloads:
+            await asyncio.gather(*self._reloads, return_exceptions=True)
+        async with self._reload_lock:
+            for old, timer in list(self._retired.items()):
+                timer.cancel()
+                self._close_retired(old)
+            if self._closing:
+                await asyncio.gather(*self._closing, return_exceptions=True)
+            await self.runtime.close()
+            await self.http.aclose()

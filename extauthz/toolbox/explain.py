@@ -213,8 +213,8 @@ async def _offline_check(
 ) -> Decision:
     """One Check with a verifier of its own (no token cache: every explanation verifies afresh)."""
     verifier = Verifier(policy.providers, http, TokenCache(0, 0))
-    await verifier.start()
-    try:
+    try:  # closed however the check ends, a failed or cancelled start included
+        await verifier.start()
         return await Authorizer(policy, verifier, relationships).check(request)
     finally:
         await verifier.close()

@@ -286,7 +286,11 @@ async def run_suite(suite: Suite, policy: Policy, only: str = "") -> list[CaseRe
         for case in suite.cases:
             if pattern is not None and not pattern.search(case.name):
                 continue
-            got = await decide(policy, case.request, case.identity, http, ScriptedRelationships(case.relationships))
+            relationships = ScriptedRelationships(case.relationships)
+            try:
+                got = await decide(policy, case.request, case.identity, http, relationships)
+            finally:
+                await relationships.aclose()
             results.append(CaseResult(case, got, tuple(case.expect.mismatches(got))))
     return results
 
