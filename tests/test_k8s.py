@@ -428,8 +428,9 @@ def pod_envoy(tmp_path: Path) -> Iterator[tuple[Envoy, int]]:
     for li in config["static_resources"]["listeners"]:
         ports[li["name"]] = free_port()
         li["address"]["socket_address"].update(address="127.0.0.1", port_value=ports[li["name"]])
-    envoy = Envoy(config, log_path=tmp_path / "envoy.log").start()
+    envoy = Envoy(config, log_path=tmp_path / "envoy.log")
     try:
+        envoy.start()  # inside the try: a failed start still stops the process and removes its config
         yield envoy, ports[HEALTH_LISTENER]
     finally:
         envoy.stop()
