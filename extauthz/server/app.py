@@ -7,7 +7,6 @@ optional TLS/mTLS listener credentials and the optional loopback admin service.
 from __future__ import annotations
 
 import asyncio
-import errno
 import signal
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
 from extauthz.server.runtime import Sidecar
 from extauthz.server.tls import CertificateReloader, server_credentials
-from extauthz.server.validation import ListenError, parse_address, parse_admin_address, probe_listen
+from extauthz.server.validation import parse_address, parse_admin_address, probe_listen
 
 log = structlog.get_logger("extauthz.server")
 
@@ -143,13 +142,9 @@ async def serve(
         metrics.live_state.source = lambda: (sidecar.runtime.ready, sidecar.runtime.key_ages())
         if http_address:
             listen = parse_address(http_address, unix=False)
+            probe_listen(http_address, "metrics, server.metricsAddress")
             http = ObservabilityServer(listen.host, listen.port, metrics.REGISTRY, sidecar.readiness)
-            try:
-                await http.start()
-            except OSError as exc:
-                reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-                raise ListenError(f"cannot listen on {http_address} (metrics, server.metricsAddress): "
-                                  f"{reason}") from None
+            await http.start()
         await server.start()
     except BaseException:
         await sidecar.close()
