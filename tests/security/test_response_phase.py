@@ -23,6 +23,7 @@ from tests.security.harness import (
     docs_filter_example,
     ext_proc_config,
     filtered_view,
+    hcm,
     is_blocked,
     label,
     leaked_document,
@@ -53,7 +54,17 @@ def _without(*fields: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _ext_authz_off(config: dict[str, Any]) -> None:
+    """A route that opts out of ext_authz (ExtAuthzPerRoute disabled): no Check, so no hand-off."""
+    for route in hcm(config)["route_config"]["virtual_hosts"][0]["routes"]:
+        route.setdefault("typed_per_filter_config", {})["envoy.filters.http.ext_authz"] = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "disabled": True,
+        }
+
+
 EDITS = {
+    "ext_authz off": _ext_authz_off,
     "no response_attributes": _without("response_attributes"),
     "no metadata forwarding": _without("metadata_options"),
     "neither": _without("response_attributes", "metadata_options"),
@@ -108,6 +119,29 @@ def test_filters_hold_without_optional_envoy_settings(stacks: Stacks, record: An
         assert seen.status == 502 and is_blocked(seen), (seen.status, seen.body[:300])
     else:
         assert seen.status == 502 or (seen.status == 200 and "content-length" not in seen.headers), seen.headers
+
+
+MARKERS = {
+    "ext_authz off: client claims unfiltered": [("x-extauthz-unfiltered", "1")],
+    "ext_authz off: client claims unfiltered twice": [("x-extauthz-unfiltered", "1"), ("X-Extauthz-Unfiltered", "1")],
+    "ext_authz off: no marker": [],
+}
+
+
+@pytest.mark.parametrize("variant", MARKERS)
+def test_a_client_cannot_mark_its_response_unfiltered(stacks: Stacks, record: Any, variant: str) -> None:
+    """The header that lets Envoy skip ext_proc is the Check's to set: a client's copy is removed at the edge.
+
+    On a route without ext_authz nobody sets it, so the response phase runs, finds
+    no hand-off and blocks what a filter may apply to.
+    """
+    stack = stacks["ext_authz off"]
+    seen = attack(stack, "GET", "/v1/orders", headers=MARKERS[variant])
+    view = filtered_view(SUB, allowlist=True)
+    leaked = leaked_document(seen, view) or (seen.status == 200 and b"internalRef" in seen.body)
+    record(CLS, wrongly_allowed=0, leaked=leaked, saw=label(seen, view))
+    assert not leaked, (seen.status, seen.body[:300])
+    assert seen.status == 502 and is_blocked(seen), (seen.status, seen.body[:300])
 
 
 def test_control_unfiltered_routes_still_pass_without_metadata(stacks: Stacks) -> None:
