@@ -75,14 +75,14 @@ def upstream_mutations(
     if stripping.cookies and "cookie" in request.headers:
         keep_cookie = kept.cookie if kept is not None else ""
         rest = without_cookies(request.headers["cookie"], stripping.cookies - {keep_cookie.lower()})
-        if rest != request.headers["cookie"]:
+        if rest is not None:
             if rest:
                 set_headers["cookie"] = rest
             else:
                 remove.append("cookie")
     remove_query: list[str] = []
     keep_query = kept.query.lower() if kept is not None else ""
-    for name, spellings in request.raw_query_names.items():
+    for name, spellings in (request.raw_query_names.items() if stripping.query and request.query_string else ()):
         lowered = name.lower()
         if lowered in stripping.query and lowered != keep_query:
             # Envoy removes by the name as it appears in the URL; send the decoded name too.

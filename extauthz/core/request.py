@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, unquote_plus
 from extauthz.core.normalize import normalize_host, override_methods, path_views
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_NO_QUERY: Mapping[str, list[str]] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class HttpRequest:
         an allow only if it matches all.
         """
         paths = path_views(self.path)
-        overrides = override_methods(self.headers, self.query)
+        overrides = override_methods(self.headers, self.query if self.query_string else _NO_QUERY)
         if paths is None or overrides is None:
             return None
         methods = (self.method, *(m for m in overrides if m != self.method))

@@ -45,8 +45,12 @@ def find_token(request: HttpRequest, sources: Iterable[TokenSource]) -> FoundTok
     return None
 
 
-def without_cookies(header: str, lowered_names: Iterable[str]) -> str:
-    """The Cookie header without the named cookies, in any case and every repeat (tokens must not go upstream)."""
+def without_cookies(header: str, lowered_names: Iterable[str]) -> str | None:
+    """The Cookie header without the named cookies, in any case and every repeat (tokens must not go upstream).
+
+    None when none of them is there, so the header is left exactly as sent.
+    """
     names = frozenset(lowered_names)
-    kept = [p.strip() for p in header.split(";") if p.strip()]
-    return "; ".join(p for p in kept if p.partition("=")[0].strip().lower() not in names)
+    parts = [p.strip() for p in header.split(";") if p.strip()]
+    kept = [p for p in parts if p.partition("=")[0].strip().lower() not in names]
+    return None if len(kept) == len(parts) else "; ".join(kept)
