@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from extauthz.demo.processes import Envoy, Ports, render_envoy_config
-from tests.stack import running_stack
+from tests.e2e.stack import running_stack
 
 POLICY = """
 providers:

@@ -23,7 +23,7 @@ import orjson
 
 from extauthz.filtering.engine import bind
 from extauthz.filtering.pipeline import filter_body
-from extauthz.filtering.scope import Action, Plan
+from extauthz.filtering.scope import Action, ResponsePlan
 from extauthz.policy.loader import load_filter
 from tests.test_filter_properties import SEED_FILTER as SEED_003_FILTER
 
@@ -81,7 +81,7 @@ def main() -> None:
             bound = bind(flt, {"callerSub": "user-3"})
             shaped = bound.apply(document)
             out = orjson.dumps(shaped)
-            plan = Plan(Action.BUFFER, "bench", "d", (bound,), (), len(raw) + 1, len(raw))
+            plan = ResponsePlan(Action.BUFFER, "bench", "d", (bound,), (), len(raw) + 1, len(raw))
             show(name, "bind + filter engine", lambda flt=flt, document=document: bind(
                 flt, {"callerSub": "user-3"}).apply(document))
             show(name, "serialise: orjson", lambda shaped=shaped: orjson.dumps(shaped))

@@ -12,7 +12,7 @@ throwaway venv, e.g. ``python -m venv /tmp/ofga && /tmp/ofga/bin/pip install
 openfga-sdk orjson``), and extauthz's own resolver with its cache off.
 
 Part 2, through Envoy: IdP + upstream + ``extauthz serve`` + Envoy on the
-shipped config (tests/stack.py), keep-alive requests one at a time, alternating
+shipped config (tests/e2e/stack.py), keep-alive requests one at a time, alternating
 a ``baseline`` request (a rule without a relationship condition, same token)
 with a relationship request: ``cached`` (an ``fga`` rule whose answer is in the
 in-process cache) on one stack, ``uncached`` (the same rule with caching off, so
@@ -38,8 +38,8 @@ from typing import Any
 import yaml
 
 from extauthz.demo.processes import free_port, wait_port
+from tests.e2e.stack import running_stack
 from tests.openfga_server import JOURNEYS_MODEL, new_ulid, policy_document, transform_model
-from tests.stack import running_stack
 
 REPO = Path(__file__).resolve().parents[1]
 

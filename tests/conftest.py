@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.security import results as security_results
 from tests.openfga_server import OpenFgaServer, journeys_server
 from tests.redis_server import RedisServer, any_redis
-from tests.security import results as security_results
 
-SECURITY_DIR = Path(__file__).resolve().parent / "security"
+SECURITY_DIR = Path(__file__).resolve().parent / "e2e" / "security"
 
 # --- relationships (OpenFGA, Redis) ---------------------------------------------
 
@@ -46,8 +46,8 @@ def fga_spec_clean(fga: OpenFgaServer) -> Iterator[None]:
     fga.script.clear()
 
 
-# --- the adversarial suite's table (tests/security) ------------------------------------------
-# Here rather than in tests/security/conftest.py: under pytest-xdist the controller
+# --- the adversarial suite's table (tests/e2e/security) ------------------------------------------
+# Here rather than in tests/e2e/security/conftest.py: under pytest-xdist the controller
 # collects nothing, so only this top-level conftest is loaded there.
 
 @pytest.hookimpl(optionalhook=True)

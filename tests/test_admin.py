@@ -13,7 +13,7 @@ from extauthz.admin.client import status_remote
 from extauthz.cli import main
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import free_port
-from tests.ops_stack import ops_stack
+from tests.e2e.ops_stack import ops_stack
 
 
 def test_regenerating_the_admin_code_gives_identical_files(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import yaml
 from extauthz.policy.errors import PolicyError
 from extauthz.policy.loader import parse_policy
 from extauthz.relationships.authzen import AuthzenPlan
+from tests.e2e.stack import Stack, running_stack
 from tests.openfga_server import (
     NO_PUBLISHED_API,
     Scripted,
@@ -34,7 +35,6 @@ from tests.openfga_server import (
     published_spec,
     resolver_for,
 )
-from tests.stack import Stack, running_stack
 
 TODO_OPENAPI = """
 openapi: 3.0.3
@@ -232,7 +232,7 @@ def test_anything_but_decision_true_denies(stack: Stack, pdp: Pdp, answer: Scrip
 # --- route templates, without Envoy -------------------------------------------------
 
 
-def plan(routes: list[str]) -> AuthzenPlan:
+def plan_response(routes: list[str]) -> AuthzenPlan:
     document = policy_document([{"effect": "allow", "authzen": {}}],
                                authzen=[{"name": "pdp", "url": "http://127.0.0.1:1", "routes": routes}])
     policy = parse_policy(yaml.safe_dump(document))
@@ -240,7 +240,7 @@ def plan(routes: list[str]) -> AuthzenPlan:
 
 
 def test_routes_listed_in_the_policy() -> None:
-    routes = plan(["/users/{userId}/todos/{todo-id}", "/todos/{todoId}", "/todos/search", "/todos"])
+    routes = plan_response(["/users/{userId}/todos/{todo-id}", "/todos/{todoId}", "/todos/search", "/todos"])
     assert routes.match("/todos") is not None and routes.match("/todos")[0].template == "/todos"
     assert routes.match("/todos/search")[0].template == "/todos/search"
     matched = routes.match("/users/u1/todos/t%2F1")

@@ -18,7 +18,7 @@ from extauthz.demo.upstream import ORDERS
 from extauthz.filtering.codec import Unfilterable, decode, parse, serialize
 from extauthz.filtering.engine import apply_filters, bind
 from extauthz.filtering.pipeline import filter_body
-from extauthz.filtering.scope import Action, ResponseHead, plan
+from extauthz.filtering.scope import Action, ResponseHead, plan_response
 from extauthz.policy.loader import load_filter, parse_policy
 
 # Seed 003 step 6, pasted as published (JSON, including the escaped dot).
@@ -345,7 +345,7 @@ def test_invalid_json_is_unfilterable(body: bytes) -> None:
 
 
 def test_deep_documents_are_filtered_and_too_deep_ones_fail_closed() -> None:
-    p = replace(plan(POLICY, caller(), head(headers={"content-type": "application/json"})), limit=1 << 20)
+    p = replace(plan_response(POLICY, caller(), head(headers={"content-type": "application/json"})), limit=1 << 20)
     deep = b'{"orders": ' + b"[" * 200 + b'{"userId": "me", "x": 1}' + b"]" * 200 + b"}"
     assert filter_body(p, deep).body == deep.replace(b" ", b"")  # the row is kept whole
     for too_deep in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000):
@@ -409,7 +409,7 @@ def head(**overrides: Any) -> ResponseHead:
 
 
 def test_in_scope_json_response_is_buffered_with_the_check_phase_variables() -> None:
-    p = plan(POLICY, caller(), head())
+    p = plan_response(POLICY, caller(), head())
     assert p.action is Action.BUFFER and p.declared_length == 100 and p.limit == 1000
     doc = {"orders": [{"userId": "me"}, {"userId": "x"}], "tier2": 1, "tenantacme": 1, "tier3": 1}
     assert filter_body(p, json.dumps(doc).encode()).body == b'{"orders":[{"userId":"me"}],"tier2":1,"tenantacme":1}'
@@ -420,7 +420,7 @@ def test_in_scope_json_response_is_buffered_with_the_check_phase_variables() -> 
     ({}, {"from_upstream": False}),
 ])
 def test_out_of_scope_responses_stream_through(request_fields: dict[str, Any], response_fields: dict[str, Any]) -> None:
-    assert plan(POLICY, caller(**request_fields), head(**response_fields)).action is Action.PASS
+    assert plan_response(POLICY, caller(**request_fields), head(**response_fields)).action is Action.PASS
 
 
 @pytest.mark.parametrize("request_fields", [
@@ -429,7 +429,7 @@ def test_out_of_scope_responses_stream_through(request_fields: dict[str, Any], r
 ])
 def test_every_reading_of_the_request_is_in_scope(request_fields: dict[str, Any]) -> None:
     """HEAD/OPTIONS read as GET, a method override counts, any path reading, trailing slash or not."""
-    assert plan(POLICY, caller(**request_fields), head()).action is Action.BUFFER
+    assert plan_response(POLICY, caller(**request_fields), head()).action is Action.BUFFER
 
 
 @pytest.mark.parametrize("response_fields", [
@@ -439,7 +439,7 @@ def test_every_reading_of_the_request_is_in_scope(request_fields: dict[str, Any]
 def test_partial_responses_to_a_filtered_request_are_blocked_whatever_the_status_scope(
     response_fields: dict[str, Any],
 ) -> None:
-    p = plan(POLICY, caller(), head(**response_fields))
+    p = plan_response(POLICY, caller(), head(**response_fields))
     assert (p.action, p.code) == (Action.BLOCK, "partial_content")
 
 
@@ -456,32 +456,32 @@ def test_a_handoff_of_another_version_counts_as_none() -> None:
     ({"content-type": "application/json", "content-length": "1001"}, "too_large"),
 ])
 def test_unfilterable_responses_are_blocked_on_their_headers(headers: dict[str, str], code: str) -> None:
-    p = plan(POLICY, caller(), head(headers=headers))
+    p = plan_response(POLICY, caller(), head(headers=headers))
     assert (p.action, p.code) == (Action.BLOCK, code)
 
 
 def test_head_response_loses_its_content_length() -> None:
-    assert plan(POLICY, caller(methods=["HEAD"]), head(end_of_stream=True)).action is Action.STRIP_LENGTH
+    assert plan_response(POLICY, caller(methods=["HEAD"]), head(end_of_stream=True)).action is Action.STRIP_LENGTH
 
 
 def test_response_without_identity_is_blocked_when_any_filter_could_apply() -> None:
-    assert plan(POLICY, None, head()).code == "no_identity"
-    assert plan(POLICY, caller(proxy="gone"), head()).code == "no_identity"
+    assert plan_response(POLICY, None, head()).code == "no_identity"
+    assert plan_response(POLICY, caller(proxy="gone"), head()).code == "no_identity"
     # Envoy's request attributes narrow it down when configured; without them every filter might apply.
-    assert plan(POLICY, None, head(method="GET", path="/elsewhere")).action is Action.PASS
-    assert plan(POLICY, None, head(method="GET", path="/v1/orders/")).code == "no_identity"
+    assert plan_response(POLICY, None, head(method="GET", path="/elsewhere")).action is Action.PASS
+    assert plan_response(POLICY, None, head(method="GET", path="/v1/orders/")).code == "no_identity"
 
 
 def test_after_a_reload_the_checks_values_are_not_trusted() -> None:
     stale = caller(policy="older-digest", filterValues=[{"callerSub": "someone-else", "tier": "9"}])
-    p = plan(POLICY, stale, head())
+    p = plan_response(POLICY, stale, head())
     doc = {"orders": [{"userId": "me"}, {"userId": "someone-else"}], "tier2": 1, "tier9": 1, "tenantacme": 1}
     # The index may name another filter now: every variable is unresolved, which shows less.
     assert filter_body(p, json.dumps(doc).encode()).body == b'{"orders":[]}'
 
 
 def test_bodies_over_the_limit_or_incomplete_are_unfilterable() -> None:
-    p = plan(POLICY, caller(), head(headers={"content-type": "application/json"}))
+    p = plan_response(POLICY, caller(), head(headers={"content-type": "application/json"}))
     assert p.declared_length is None
     for body, complete in ((b" " * 1001, True), (b"{}", False)):
         with pytest.raises(Unfilterable) as caught:

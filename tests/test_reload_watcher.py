@@ -1,4 +1,4 @@
-"""The policy watcher and ``Sidecar.reload`` without Envoy: what triggers a reload, what keeps the old policy."""
+"""The policy watcher and ``RuntimeHolder.reload`` without Envoy: what triggers a reload, what keeps the old policy."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from extauthz.core.request import HttpRequest
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import free_port
 from extauthz.server.reload import PolicyWatcher
-from extauthz.server.runtime import ReloadOutcome, Runtime, Sidecar
-from tests.ops_stack import kubelet_layout, kubelet_update
+from extauthz.server.runtime import ReloadOutcome, Runtime, RuntimeHolder
+from tests.e2e.ops_stack import kubelet_layout, kubelet_update
 
 VALID = "proxies: [{name: a}]\n"
 
@@ -84,7 +84,7 @@ def test_reload_keeps_the_running_policy_when_the_new_one_cannot_get_keys(tmp_pa
         with IdentityProvider() as idp:
             path = tmp_path / "policy.yaml"
             path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
-            sidecar = await Sidecar.start(path)
+            sidecar = await RuntimeHolder.start(path)
             try:
                 first = sidecar.runtime.policy.digest
                 old = sidecar.authorizer()
@@ -122,7 +122,7 @@ def test_sighup_reloads_at_once_when_the_watcher_is_off(tmp_path: Path) -> None:
     import signal
     import time
 
-    from tests.ops_stack import ops_stack
+    from tests.e2e.ops_stack import ops_stack
 
     text = POLICY.format(issuer="ISSUER", jwks="JWKS_URI", method="GET")
     with ops_stack(tmp_path, text, with_envoy=False, extra_args=["--watch-interval", "0"]) as stack:
@@ -158,7 +158,7 @@ def test_shutdown_closes_the_runtime_a_reload_replaced_at_once(
         with IdentityProvider() as idp:
             path = tmp_path / "policy.yaml"
             path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
-            sidecar = await Sidecar.start(path)
+            sidecar = await RuntimeHolder.start(path)
             first = sidecar.runtime.policy.digest
             path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="DELETE"))
             assert await sidecar.reload() is ReloadOutcome.RELOADED
@@ -188,7 +188,7 @@ def test_shutdown_cancels_a_sighup_reload_midway_and_leaks_nothing(
             silent.listen()  # accepts connections (the backlog), never answers: the JWKS fetch hangs
             path = tmp_path / "policy.yaml"
             path.write_text(POLICY.format(issuer=idp.issuer, jwks=idp.jwks_uri, method="GET"))
-            sidecar = await Sidecar.start(path)
+            sidecar = await RuntimeHolder.start(path)
             first = sidecar.runtime.policy.digest
             path.write_text(f"""providers:
   - {{name: fresh, issuer: {idp.issuer}, jwksUri: {idp.jwks_uri}, audiences: [api]}}
@@ -235,7 +235,7 @@ def test_a_sidecar_that_cannot_build_its_first_runtime_closes_its_client(
 
     async def scenario() -> None:
         with pytest.raises(OSError, match="no keys today"):
-            await Sidecar.start(path)
+            await RuntimeHolder.start(path)
         assert len(closed) == 1 and closed[0].is_closed
 
     asyncio.run(scenario())

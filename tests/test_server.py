@@ -12,8 +12,8 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.demo.idp import IdentityProvider
-from extauthz.demo.processes import Sidecar, free_port
-from tests.stack import write_policy
+from extauthz.demo.processes import SidecarProcess, free_port
+from tests.e2e.stack import write_policy
 
 POLICY = """
 providers:
@@ -42,7 +42,7 @@ def health_status(port: int, service: str = "") -> int:
 def test_not_serving_until_keys_load_then_serving(tmp_path: Path) -> None:
     with IdentityProvider() as idp:
         idp.down = True
-        sidecar = Sidecar(write_policy(tmp_path, POLICY, idp), free_port()).start(wait_ready=False)
+        sidecar = SidecarProcess(write_policy(tmp_path, POLICY, idp), free_port()).start(wait_ready=False)
         try:
             assert health_status(sidecar.port) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert health_status(sidecar.port, "envoy.service.auth.v3.Authorization") == \
@@ -59,7 +59,7 @@ def test_not_serving_until_keys_load_then_serving(tmp_path: Path) -> None:
 
 def test_sigterm_drains_in_flight_checks(tmp_path: Path) -> None:
     with IdentityProvider() as idp:
-        sidecar = Sidecar(write_policy(tmp_path, POLICY, idp), free_port()).start()
+        sidecar = SidecarProcess(write_policy(tmp_path, POLICY, idp), free_port()).start()
         try:
             new_key = idp.rotate()   # an unknown kid makes the Check fetch the JWKS...
             idp.delay = 1.0          # ...from a slow IdP, so it is in flight when SIGTERM arrives

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from tests.ops_stack import kubelet_layout, kubelet_update, ops_stack
+from tests.e2e.ops_stack import kubelet_layout, kubelet_update, ops_stack
 
 POLICY = """providers:
   - {name: idp, issuer: ISSUER, jwksUri: JWKS_URI, audiences: [orders-api]}

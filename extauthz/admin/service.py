@@ -16,7 +16,7 @@ import structlog
 
 from extauthz.admin.convert import identity_of, response_message
 from extauthz.admin.v1 import admin_pb2, admin_pb2_grpc
-from extauthz.server.runtime import Sidecar
+from extauthz.server.runtime import RuntimeHolder
 from extauthz.toolbox.explain import build_request, decide
 from extauthz.toolbox.minting import MintError
 
@@ -24,7 +24,7 @@ log = structlog.get_logger("extauthz.admin")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: RuntimeHolder) -> None:
         self.sidecar = sidecar
 
     async def Explain(  # noqa: N802 - gRPC method name
@@ -59,5 +59,5 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         )
 
 
-def add_admin_service(server: grpc.aio.Server, sidecar: Sidecar) -> None:
+def add_admin_service(server: grpc.aio.Server, sidecar: RuntimeHolder) -> None:
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(sidecar), server)

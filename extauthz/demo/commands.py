@@ -19,7 +19,7 @@ from typing import Any
 
 from extauthz.cli import Exit
 from extauthz.demo.idp import IdentityProvider
-from extauthz.demo.upstream import Upstream
+from extauthz.demo.upstream import SampleApi
 
 DEMO_ONLY = "FOR DEMOS ONLY: it signs a token for any claims anyone asks for."
 MAX_TTL_SECONDS = 24 * 3600
@@ -129,7 +129,7 @@ class _Recent(list[dict[str, Any]]):
 
 def run_demo_api(host: str, port: int) -> int:
     try:
-        upstream = Upstream(host=host, port=port)
+        upstream = SampleApi(host=host, port=port)
     except OSError as exc:
         return _cannot_listen("demo-api", host, port, exc)
     upstream.requests = _Recent()

@@ -166,7 +166,7 @@ def validate_envoy_config(path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-class Sidecar:
+class SidecarProcess:
     """``extauthz serve`` as a real process."""
 
     def __init__(self, config: Path, port: int, env: dict[str, str] | None = None,
@@ -178,7 +178,7 @@ class Sidecar:
         self.extra = extra or []
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_ready: bool = True) -> Sidecar:
+    def start(self, wait_ready: bool = True) -> SidecarProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "extauthz", "serve", "--config", str(self.config),

@@ -12,8 +12,16 @@ import threading
 from pathlib import Path
 
 from extauthz.demo.idp import IdentityProvider
-from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, Sidecar, envoy_binary, free_port, render_envoy_config
-from extauthz.demo.upstream import Upstream
+from extauthz.demo.processes import (
+    ENVOY_DIR,
+    Envoy,
+    Ports,
+    SidecarProcess,
+    envoy_binary,
+    free_port,
+    render_envoy_config,
+)
+from extauthz.demo.upstream import SampleApi
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_ISSUER = "http://127.0.0.1:8090"  # as written in the sample policy
@@ -59,8 +67,8 @@ def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
     policy = (EXAMPLES / "policy.yaml").read_text()
     (workdir / "policy.yaml").write_text(policy.replace(SAMPLE_ISSUER, f"http://127.0.0.1:{idp_port}"))
     ports = Ports(listener=listen_port, admin=free_port(), extauthz=free_port(), app=free_port())
-    with IdentityProvider(port=idp_port) as idp, Upstream(port=ports.app):
-        sidecar = Sidecar(workdir / "policy.yaml", ports.extauthz, log_path=workdir / "sidecar.log")
+    with IdentityProvider(port=idp_port) as idp, SampleApi(port=ports.app):
+        sidecar = SidecarProcess(workdir / "policy.yaml", ports.extauthz, log_path=workdir / "sidecar.log")
         envoy = Envoy(render_envoy_config(ports), log_path=workdir / "envoy.log")
         try:
             sidecar.start()

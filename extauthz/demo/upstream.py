@@ -27,7 +27,7 @@ ORDERS = {
 }
 
 
-class Upstream:
+class SampleApi:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
@@ -70,7 +70,7 @@ class Upstream:
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
-    def __enter__(self) -> Upstream:
+    def __enter__(self) -> SampleApi:
         self._thread.start()
         return self
 

@@ -1,4 +1,4 @@
-"""The body step of a :class:`~extauthz.filtering.scope.Plan`: bytes in, filtered bytes out.
+"""The body step of a :class:`~extauthz.filtering.scope.ResponsePlan`: bytes in, filtered bytes out.
 
 decode (content-encoding, bounded) -> parse -> every applicable filter -> serialise.
 Any failure raises :class:`~extauthz.filtering.codec.Unfilterable`; there is no
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from extauthz.filtering.codec import BlockCode, Unfilterable, decode, parse, serialize
 from extauthz.filtering.engine import apply_filters
-from extauthz.filtering.scope import Plan
+from extauthz.filtering.scope import ResponsePlan
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Filtered:
     """Size of the upstream's body after content decoding, before filtering."""
 
 
-def filter_body(plan: Plan, body: bytes, complete: bool = True) -> Filtered:
+def filter_body(plan: ResponsePlan, body: bytes, complete: bool = True) -> Filtered:
     """Filter a whole buffered body; ``complete=False`` means Envoy could not buffer all of it."""
     if not complete:
         raise Unfilterable(BlockCode.TOO_LARGE, "the body exceeds Envoy's buffer limit")

@@ -72,7 +72,7 @@ class Action(StrEnum):
 
 
 @dataclass(frozen=True)
-class Plan:
+class ResponsePlan:
     action: Action
     proxy: str = ""
     decision_id: str = ""
@@ -94,10 +94,10 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def plan(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
+def plan_response(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> ResponsePlan:
     """What to do with this response, decided on its headers alone."""
     if not head.from_upstream:
-        return Plan(Action.PASS)
+        return ResponsePlan(Action.PASS)
     proxy = policy.proxy_named(handoff.proxy) if handoff is not None else None
     if proxy is None or handoff is None:
         return _without_handoff(policy, handoff, head)
@@ -108,35 +108,35 @@ def plan(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
             continue
         if head.partial:
             # Whatever the status scope says: a fragment cannot be filtered as a document.
-            return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.PARTIAL_CONTENT,
+            return ResponsePlan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.PARTIAL_CONTENT,
                         detail=f"a {head.status} partial response to a filtered request")
         if flt.statuses is None or head.status in flt.statuses:
             filters.append(bind(flt, values))
-    base = Plan(Action.PASS, proxy.name, handoff.decision_id)
+    base = ResponsePlan(Action.PASS, proxy.name, handoff.decision_id)
     if not filters:
         return base
     limit = policy.server.max_body_bytes
     if head.end_of_stream:
         if "content-length" in head.headers:  # HEAD, or a body-less answer: the length would tell
-            return Plan(Action.STRIP_LENGTH, proxy.name, handoff.decision_id)
+            return ResponsePlan(Action.STRIP_LENGTH, proxy.name, handoff.decision_id)
         return base
     encodings = content_encodings(head.headers.get("content-encoding"))
     bad = unsupported(encodings)
     if bad is not None:
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.UNSUPPORTED_ENCODING,
+        return ResponsePlan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.UNSUPPORTED_ENCODING,
                     detail=f"content-encoding {bad!r} cannot be decoded")
     if not is_json(head.headers.get("content-type")):
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.NOT_JSON,
+        return ResponsePlan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.NOT_JSON,
                     detail=f"content-type {head.headers.get('content-type')!r} is not JSON")
     declared = head.headers.get("content-length", "").strip()
     length = int(declared) if declared.isdigit() else None
     if length is not None and length > limit:
-        return Plan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.TOO_LARGE,
+        return ResponsePlan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.TOO_LARGE,
                     detail=f"content-length {declared} exceeds the limit of {limit}")
-    return Plan(Action.BUFFER, proxy.name, handoff.decision_id, tuple(filters), encodings, limit, length)
+    return ResponsePlan(Action.BUFFER, proxy.name, handoff.decision_id, tuple(filters), encodings, limit, length)
 
 
-def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> Plan:
+def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> ResponsePlan:
     """No verified request for this exchange (ext_authz did not run, or its proxy is gone after a reload).
 
     Any filter that might apply blocks the response. Envoy's request
@@ -147,6 +147,6 @@ def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead
     methods, paths = ((head.method,), (head.path,)) if head.method and head.path else ((), ())
     for flt in (f for p in policy.proxies for f in p.filters):
         if not paths or request_in_scope(flt, methods, paths, _EMPTY):
-            return Plan(Action.BLOCK, proxy, decision_id, code=BlockCode.NO_IDENTITY,
+            return ResponsePlan(Action.BLOCK, proxy, decision_id, code=BlockCode.NO_IDENTITY,
                         detail="no verified request for a response a filter may apply to")
-    return Plan(Action.PASS)
+    return ResponsePlan(Action.PASS)

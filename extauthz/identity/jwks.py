@@ -27,7 +27,7 @@ import jwt
 import structlog
 
 from extauthz.errors import ExtauthzError
-from extauthz.policy.model import Provider
+from extauthz.policy.model import Provider, thaw
 
 UNKNOWN_KID_REFETCH_SECONDS = 10.0
 _KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
@@ -89,7 +89,7 @@ def _thumbprint(entry: Mapping[str, Any]) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
-def _parse_jwks(document: object) -> _Keys:
+def parse_jwks(document: object) -> _Keys:
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise ValueError("JWKS document has no 'keys' list")
     by_kid: dict[str, VerificationKey] = {}
@@ -139,7 +139,7 @@ class KeySet:
         self._on_keys_removed = on_keys_removed or (lambda provider, gone: None)
         self.last_error = ""
         if provider.jwks_inline is not None:
-            self._keys = _parse_jwks(_thaw(provider.jwks_inline))
+            self._keys = parse_jwks(thaw(provider.jwks_inline))
 
     @property
     def remote(self) -> bool:
@@ -184,7 +184,7 @@ class KeySet:
             previous = self._keys
             try:
                 document = await self._fetch()
-                self._keys = _parse_jwks(document)
+                self._keys = parse_jwks(document)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old keys
                 # Name what was fetched: a refused connection's message alone does not say where.
                 self.last_error = f"{self._source}: {type(exc).__name__}: {exc}"
@@ -254,10 +254,3 @@ class KeySet:
         candidates = [k for k in (*keys.without_kid, *keys.by_kid.values()) if k.fits(alg)]
         return candidates[0] if len(candidates) == 1 else None  # ambiguous: refuse
 
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
-    return value

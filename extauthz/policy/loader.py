@@ -40,7 +40,7 @@ from extauthz.policy.model import (
     Provider,
     Proxy,
     PublicPath,
-    RelationshipCache,
+    RelationshipCacheSettings,
     RouteTemplate,
     Rule,
     ServerSettings,
@@ -52,6 +52,7 @@ from extauthz.policy.model import (
     Upstream,
     Variable,
     VariableSource,
+    freeze,
 )
 from extauthz.policy.patterns import Pattern, PatternError, Template
 
@@ -82,11 +83,11 @@ class LList(list[Any]):
     lines: list[int]
 
 
-class _LineLoader(yaml.SafeLoader):
+class LineLoader(yaml.SafeLoader):
     pass
 
 
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> LDict:
+def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> LDict:
     loader.flatten_mapping(node)
     result = LDict()
     result.line = node.start_mark.line + 1
@@ -107,7 +108,7 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> LDict:
     return result
 
 
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> LList:
+def _construct_seq(loader: LineLoader, node: yaml.SequenceNode) -> LList:
     result = LList()
     result.line = node.start_mark.line + 1
     result.lines = []
@@ -117,8 +118,8 @@ def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> LList:
     return result
 
 
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 # --- field reading ---------------------------------------------------------
@@ -409,7 +410,7 @@ def _rule(ctx: _Ctx, path: str, line: int, value: object, index: int, policy: _P
                     condition["context"] = _context(ctx, cond, "context", names)
             return TupleTemplate(
                 tmpl(t, "user"), tmpl(t, "relation"), tmpl(t, "object"),
-                _freeze(condition) if condition is not None else None,
+                freeze(condition) if condition is not None else None,
             )
 
         fga = FgaCondition(
@@ -457,15 +458,7 @@ def _context(ctx: _Ctx, obj: _Obj, key: str, names: set[str]) -> Any:
                 check(v, f"{path}[{i}]")
 
     check(value, obj.sub(key))
-    return _freeze(value)
-
-
-def _freeze(value: object) -> Any:
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
+    return freeze(value)
 
 
 def _filter(ctx: _Ctx, path: str, line: int, value: object, index: int) -> Filter:
@@ -804,10 +797,10 @@ def _openapi_routes(ctx: _Ctx, obj: _Obj) -> list[RouteTemplate]:
 
 def _relationships(
     ctx: _Ctx, root: _Obj
-) -> tuple[dict[str, OpenFgaBackend], dict[str, AuthzenBackend], RelationshipCache]:
+) -> tuple[dict[str, OpenFgaBackend], dict[str, AuthzenBackend], RelationshipCacheSettings]:
     rel = root.obj("relationships", {"openfga", "authzen", "cache"})
     if rel is None:
-        return {}, {}, RelationshipCache()
+        return {}, {}, RelationshipCacheSettings()
 
     def fga(path: str, line: int, value: object) -> OpenFgaBackend:
         o = _Obj(ctx, value, path, line, {"name", "url", "storeId", "authorizationModelId", "timeoutMs", "auth"})
@@ -846,7 +839,7 @@ def _relationships(
         names = [b.name for b in backends]
         for name in sorted({n for n in names if names.count(n) > 1}):
             rel.error(kind, f"backend name {name!r} is used twice (name each backend)")
-    cache = RelationshipCache()
+    cache = RelationshipCacheSettings()
     c = rel.obj("cache", {"allowedTtlSeconds", "deniedTtlSeconds", "maxEntries", "redis"})
     if c is not None:
         redis = c.obj("redis", {"url", "timeoutMs"})
@@ -854,7 +847,7 @@ def _relationships(
         if redis is not None and redis_timeout > MAX_REDIS_TIMEOUT_MS:
             redis.error("timeoutMs", f"must be at most {MAX_REDIS_TIMEOUT_MS} (a shared cache lookup that is "
                         f"slower than the backend defeats the cache), found {redis_timeout}")
-        cache = RelationshipCache(
+        cache = RelationshipCacheSettings(
             allowed_ttl_seconds=_ttl(c, "allowedTtlSeconds", 10.0),
             denied_ttl_seconds=_ttl(c, "deniedTtlSeconds", 5.0),
             max_entries=c.positive("maxEntries", int, 100_000),
@@ -970,7 +963,7 @@ def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | Non
     raw = text.encode() if isinstance(text, str) else text
     ctx = _Ctx(file, base_dir or Path.cwd())
     try:
-        document = yaml.load(raw, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(raw, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         raise PolicyError([syntax_issue(file, exc)]) from None
     except yaml.YAMLError as exc:
@@ -1032,7 +1025,7 @@ def load_filter(obj: Mapping[str, Any], index: int = 0) -> Filter:
 
 def _single(text: str, parse: Callable[[_Ctx, Any], T]) -> T:
     ctx = _Ctx("<inline>", Path.cwd())
-    document = yaml.load(text, Loader=_LineLoader)  # noqa: S506
+    document = yaml.load(text, Loader=LineLoader)  # noqa: S506
     try:
         result = parse(ctx, document)
     except _Abort:

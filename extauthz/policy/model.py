@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 from extauthz.policy.patterns import Pattern, Template
 
@@ -279,7 +280,7 @@ class AuthzenBackend:
 
 
 @dataclass(frozen=True)
-class RelationshipCache:
+class RelationshipCacheSettings:
     allowed_ttl_seconds: float = 10.0
     denied_ttl_seconds: float = 5.0
     max_entries: int = 100_000
@@ -315,7 +316,7 @@ class Policy:
     proxies: tuple[Proxy, ...]
     openfga: Mapping[str, OpenFgaBackend] = field(default_factory=lambda: MappingProxyType({}))
     authzen: Mapping[str, AuthzenBackend] = field(default_factory=lambda: MappingProxyType({}))
-    relationship_cache: RelationshipCache = RelationshipCache()
+    relationship_cache: RelationshipCacheSettings = RelationshipCacheSettings()
     server: ServerSettings = ServerSettings()
     source: str = ""
     digest: str = ""
@@ -325,3 +326,21 @@ class Policy:
             if proxy.name == name:
                 return proxy
         return None
+
+
+def freeze(value: object) -> Any:
+    """Read-only copies of parsed JSON/YAML values: mappings become proxies, lists tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: object) -> Any:
+    """Plain dicts and lists again, for JSON encoders and parsers that want them."""
+    if isinstance(value, Mapping):
+        return {str(k): thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value

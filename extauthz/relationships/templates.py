@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from extauthz.policy.model import thaw
 from extauthz.policy.patterns import PLACEHOLDER, Template
 from extauthz.relationships.base import Cause, Unresolvable
 
@@ -78,7 +79,7 @@ def compile_json(value: object) -> JsonRenderer:
     A value without placeholders renders to the same prebuilt object every time.
     """
     if not _has_placeholder(value):
-        constant = _thaw(value)
+        constant = thaw(value)
         return lambda values: constant
     if isinstance(value, str):
         template = Template.parse(value)
@@ -109,11 +110,3 @@ def _has_placeholder(value: object) -> bool:
         return any(_has_placeholder(v) for v in value)
     return False
 
-
-def _thaw(value: object) -> Any:
-    """Plain dicts and lists from the policy's frozen mappings and tuples (for JSON encoding)."""
-    if isinstance(value, Mapping):
-        return {str(k): _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
-    return value

@@ -22,7 +22,7 @@ from extauthz.observability.http import ObservabilityServer
 from extauthz.server.authorization import AuthorizationServicer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
-from extauthz.server.runtime import Sidecar
+from extauthz.server.runtime import RuntimeHolder
 from extauthz.server.tls import CertificateReloader, server_credentials
 from extauthz.server.validation import parse_address, parse_admin_address, probe_listen
 
@@ -35,7 +35,7 @@ SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.Ex
 
 
 class Server:
-    def __init__(self, sidecar: Sidecar, address: str, admin_address: str = "") -> None:
+    def __init__(self, sidecar: RuntimeHolder, address: str, admin_address: str = "") -> None:
         self.sidecar = sidecar
         self.address = address
         probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
@@ -132,7 +132,7 @@ async def serve(
     an edit); the watcher does the same by itself within ``watch_interval`` (0
     turns it off).
     """
-    sidecar = await Sidecar.start(config)
+    sidecar = await RuntimeHolder.start(config)
     settings = sidecar.runtime.policy.server
     http_address = metrics_address if metrics_address is not None else settings.metrics_address
     try:

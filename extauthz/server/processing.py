@@ -46,7 +46,7 @@ from extauthz.core.decision import error_body
 from extauthz.core.handoff import Handoff
 from extauthz.filtering.codec import BlockCode, Unfilterable
 from extauthz.filtering.pipeline import filter_body
-from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, Plan, ResponseHead, plan
+from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, ResponseHead, ResponsePlan, plan_response
 from extauthz.observability import metrics
 from extauthz.policy.model import Policy
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
@@ -153,7 +153,7 @@ class _Exchange:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.plan = Plan(Action.PASS)
+        self.plan = ResponsePlan(Action.PASS)
         self.body_seen = False
 
     async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -166,7 +166,7 @@ class _Exchange:
         return _continue(phase)
 
     def _on_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        self.plan = plan(self.policy, to_handoff(message), to_head(message))
+        self.plan = plan_response(self.policy, to_handoff(message), to_head(message))
         action = self.plan.action
         if action is Action.BUFFER:
             mode = BUFFER_CHUNKED_BODY if self.plan.declared_length is None else BUFFER_SIZED_BODY

@@ -107,7 +107,7 @@ class Runtime:
         await self.authorizer.relationships.aclose()
 
 
-class Sidecar:
+class RuntimeHolder:
     """Holds the current runtime and replaces it atomically when the policy file changes."""
 
     def __init__(self, path: Path, http: httpx.AsyncClient, runtime: Runtime) -> None:
@@ -126,7 +126,7 @@ class Sidecar:
         self._closed = False
 
     @classmethod
-    async def start(cls, path: Path) -> Sidecar:
+    async def start(cls, path: Path) -> RuntimeHolder:
         policy = load_for_serving(path)
         http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
         try:

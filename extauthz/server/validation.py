@@ -21,10 +21,10 @@ from pathlib import Path
 import yaml
 
 from extauthz.errors import ExtauthzError
-from extauthz.identity.jwks import _parse_jwks, _thaw  # the very parser the key sets use
+from extauthz.identity.jwks import parse_jwks  # the very parser the key sets use
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import LDict, LList, _LineLoader, parse_policy
-from extauthz.policy.model import Policy
+from extauthz.policy.loader import LDict, LineLoader, LList, parse_policy
+from extauthz.policy.model import Policy, thaw
 from extauthz.server.tls import TlsError, read_material
 
 
@@ -125,7 +125,7 @@ def line_of(document: object, dotted: str) -> int:
 def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     """Everything that would stop ``extauthz serve`` from running this policy."""
     try:
-        document: object = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        document: object = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         document = None
     issues: list[Issue] = []
@@ -154,12 +154,12 @@ def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
         field = f"providers[{index}]"
         if provider.jwks_inline is not None:
             try:
-                _parse_jwks(_thaw(provider.jwks_inline))
+                parse_jwks(thaw(provider.jwks_inline))
             except ValueError as exc:
                 issue(f"{field}.jwks", f"provider {provider.name}: {exc}")
         if provider.jwks_file:
             try:
-                _parse_jwks(json.loads(Path(provider.jwks_file).read_bytes()))
+                parse_jwks(json.loads(Path(provider.jwks_file).read_bytes()))
             except OSError as exc:
                 issue(f"{field}.jwksFile", f"cannot read {provider.jwks_file}: {exc.strerror}")
             except ValueError as exc:  # JSONDecodeError is a ValueError

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import (
+from tests.e2e.security.harness import (
     Seen,
     attack,
     docs_filter_example,
@@ -26,7 +26,7 @@ from tests.security.harness import (
     lenient_stack,
     policy,
 )
-from tests.stack import Stack
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.envoy
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import attack, hcm, label, lenient_stack, policy
-from tests.stack import Stack
+from tests.e2e.security.harness import attack, hcm, label, lenient_stack, policy
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.envoy
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import (
+from tests.e2e.security.harness import (
     Stacks,
     attack,
     docs_filter_example,
@@ -30,7 +30,7 @@ from tests.security.harness import (
     lenient_stack,
     policy,
 )
-from tests.security.upstream import BODY
+from tests.e2e.security.upstream import BODY
 
 pytestmark = pytest.mark.envoy
 

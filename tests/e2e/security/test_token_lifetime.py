@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from extauthz.demo.idp import SigningKey
-from tests.security.harness import Seen, attack, label, lenient_stack, policy, sign_raw
-from tests.stack import Stack
+from tests.e2e.security.harness import Seen, attack, label, lenient_stack, policy, sign_raw
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.envoy
 

@@ -1,7 +1,7 @@
 """The table in docs/SECURITY.md is this suite's last full run: it cannot drift from the tests.
 
 Runs after every other test of the session (see conftest.py) and only when the
-whole suite ran; ``python -m tests.security.report`` regenerates the table. Under
+whole suite ran; ``python -m tests.e2e.security.report`` regenerates the table. Under
 pytest-xdist the workers hand their rows to the controller, which compares the
 table at the end of the session and fails it when the doc is stale.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security import results
+from tests.e2e.security import results
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +35,7 @@ def _whole_suite(session: pytest.Session, config: pytest.Config) -> str | None:
 
 def test_docs_security_table_matches_this_run(request: pytest.FixtureRequest) -> None:
     if os.environ.get(results.REGENERATING_ENV):
-        pytest.skip("python -m tests.security.report is regenerating the table")
+        pytest.skip("python -m tests.e2e.security.report is regenerating the table")
     if hasattr(request.config, "workerinput"):
         # Under pytest-xdist no worker holds every row: the controller compares the table at the
         # end of the session (tests/conftest.py). Here: the doc still has a table to compare.

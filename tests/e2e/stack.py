@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from extauthz.demo.idp import IdentityProvider
-from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, Sidecar, render_envoy_config
-from extauthz.demo.upstream import Upstream
+from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, SidecarProcess, render_envoy_config
+from extauthz.demo.upstream import SampleApi
 
 
 @dataclass
@@ -32,8 +32,8 @@ class Response:
 @dataclass
 class Stack:
     idp: IdentityProvider
-    upstream: Upstream
-    sidecar: Sidecar
+    upstream: SampleApi
+    sidecar: SidecarProcess
     envoy: Envoy
     ports: Ports
     workdir: Path
@@ -77,10 +77,10 @@ def running_stack(
     ports = Ports.free()
     for name, content in (files or {}).items():
         (workdir / name).write_text(content)
-    make_upstream = upstream_factory or (lambda port: Upstream(port=port))
+    make_upstream = upstream_factory or (lambda port: SampleApi(port=port))
     with IdentityProvider() as idp, make_upstream(ports.app) as upstream:
         config = write_policy(workdir, policy, idp)
-        sidecar = Sidecar(config, ports.extauthz, env=sidecar_env, log_path=workdir / "sidecar.log",
+        sidecar = SidecarProcess(config, ports.extauthz, env=sidecar_env, log_path=workdir / "sidecar.log",
                           extra=sidecar_args)
         envoy = Envoy(render_envoy_config(ports, envoy_config, edit_envoy), log_path=workdir / "envoy.log")
         try:

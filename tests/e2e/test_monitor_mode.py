@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops_stack import ops_stack
+from tests.e2e.ops_stack import ops_stack
 
 pytestmark = pytest.mark.envoy
 

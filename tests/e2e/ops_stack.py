@@ -23,14 +23,14 @@ from typing import Any
 
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import Envoy, Ports, free_port, render_envoy_config, wait_http
-from extauthz.demo.upstream import Upstream
-from tests.stack import Response
+from extauthz.demo.upstream import SampleApi
+from tests.e2e.stack import Response
 
 
 @dataclass
 class OpsStack:
     idp: IdentityProvider
-    upstream: Upstream
+    upstream: SampleApi
     envoy: Envoy | None
     ports: Ports
     metrics_port: int
@@ -129,7 +129,7 @@ def ops_stack(
     """``policy`` is text with ISSUER/JWKS_URI placeholders, or a function of (idp, metrics port)."""
     ports = Ports.free()
     metrics_port = free_port()
-    with IdentityProvider() as idp, Upstream(port=ports.app) as upstream:
+    with IdentityProvider() as idp, SampleApi(port=ports.app) as upstream:
         text = policy(idp, metrics_port) if callable(policy) else policy
         text = text.replace("JWKS_URI", idp.jwks_uri).replace("ISSUER", idp.issuer)
         path = policy_path or workdir / "policy.yaml"

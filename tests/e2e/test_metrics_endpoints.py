@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from extauthz.demo.processes import free_port, wait_http
-from tests.ops_stack import ops_stack
+from tests.e2e.ops_stack import ops_stack
 
 POLICY = """providers:
   - {name: idp, issuer: ISSUER, jwksUri: JWKS_URI, audiences: [orders-api]}

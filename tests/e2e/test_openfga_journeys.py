@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from extauthz.demo.idp import IdentityProvider
+from tests.e2e.stack import Stack, running_stack
 from tests.openfga_server import JOURNEYS_STORE, OpenFgaServer, Scripted, fga_cli, journeys_store, policy_document
 from tests.redis_server import RedisServer, private_redis
-from tests.stack import Stack, running_stack
 
 pytestmark = [pytest.mark.envoy, pytest.mark.redis]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stack import Stack, running_stack
+from tests.e2e.stack import Stack, running_stack
 
 pytestmark = pytest.mark.envoy
 

@@ -1,7 +1,7 @@
 """The overlays' pods, run on this machine as a kubelet would run them: a kubelet in a test.
 
 There is no cluster here, so this test plays kubelet, kube-proxy and cluster DNS
-for the rendered overlays (real ``kubectl kustomize``, tests/k8s_pods.py), so
+for the rendered overlays (real ``kubectl kustomize``, tests/e2e/k8s_pods.py), so
 that what the manifests wire together (arguments, mounted files, ports, env,
 probes, Services) is exercised, not only their schema:
 
@@ -56,7 +56,7 @@ import yaml
 from extauthz.cli import build_parser, main
 from extauthz.demo.processes import envoy_binary, free_port
 from extauthz.policy.loader import load_policy
-from tests.k8s_pods import (
+from tests.e2e.k8s_pods import (
     POD,
     REPO,
     container,
@@ -299,7 +299,7 @@ class LocalPod:
 
     def stop(self) -> None:
         # SIGTERM, as kubelet sends it; extauthz's `serve` gets SIGINT, which skips
-        # the Kubernetes drain wait (tests/test_drain.py covers SIGTERM).
+        # the Kubernetes drain wait (tests/e2e/test_drain.py covers SIGTERM).
         for name, process in self.processes.items():
             serving = self.container(name).get("args", [""])[0] == "serve"
             if process.poll() is None:

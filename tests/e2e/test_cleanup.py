@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from extauthz.demo.processes import free_port
-from tests.stack import running_stack
+from tests.e2e.stack import running_stack
 
 pytestmark = pytest.mark.envoy
 

@@ -25,7 +25,7 @@ import yaml
 
 from extauthz.demo.processes import free_port
 from extauthz.demo.upstream import ORDERS
-from tests.stack import Response, Stack, running_stack
+from tests.e2e.stack import Response, Stack, running_stack
 
 pytestmark = pytest.mark.envoy
 
@@ -36,7 +36,7 @@ SECRET = b"SECRET-ORDER-OF-ANOTHER-USER"
 
 def policy_text(limit: int) -> str:
     """The sample policy (seed 003's filter as shipped), with HEAD allowed and filtered too, and a body limit."""
-    policy = yaml.safe_load((Path(__file__).resolve().parents[1] / "extauthz/examples/policy.yaml").read_text())
+    policy = yaml.safe_load((Path(__file__).resolve().parents[2] / "extauthz/examples/policy.yaml").read_text())
     policy["providers"][0].update(issuer="ISSUER", jwksUri="JWKS_URI")
     del policy["providers"][0]["discovery"]
     proxy = policy["proxies"][0]

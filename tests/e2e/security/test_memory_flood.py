@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from extauthz.policy.patterns import MAX_VALUE_LENGTH
-from tests.stack import Stack, running_stack
+from tests.e2e.stack import Stack, running_stack
 
 pytestmark = pytest.mark.envoy
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import (
+from tests.e2e.security.harness import (
     Stacks,
     attack,
     docs_filter_example,

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.security.harness import REPO, attack, hcm, label, lenient_stack, policy
-from tests.stack import Stack
+from tests.e2e.security.harness import REPO, attack, hcm, label, lenient_stack, policy
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.envoy
 

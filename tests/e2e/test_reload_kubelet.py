@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops_stack import OpsStack, kubelet_layout, kubelet_update, ops_stack
+from tests.e2e.ops_stack import OpsStack, kubelet_layout, kubelet_update, ops_stack
 
 pytestmark = pytest.mark.envoy
 

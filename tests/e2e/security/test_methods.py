@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import Stacks, attack, label, lenient_stack, policy
+from tests.e2e.security.harness import Stacks, attack, label, lenient_stack, policy
 
 pytestmark = pytest.mark.envoy
 

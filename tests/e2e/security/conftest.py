@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security import results
+from tests.e2e.security import results
 
 HERE = Path(__file__).resolve().parent
 LAST = results.LAST_FILE

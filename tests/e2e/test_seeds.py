@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stack import Stack, running_stack
+from tests.e2e.stack import Stack, running_stack
 
 UPSTREAM_SECRET = "internal-orders-key"
 
