@@ -46,16 +46,18 @@ def token(**claims: Any) -> str:
 
 
 def check(method: str, target: str, headers: dict[str, str] | None = None,
-          context: dict[str, str] | None = None, host: str = "") -> Decision:
+          context: dict[str, str] | None = None, host: str = "", explain: bool = True,
+          policy: str = POLICY) -> Decision:
     import os
     os.environ["EXTAUTHZ_TEST_KEY"] = "k-123"
-    policy = parse_policy(POLICY)
+    parsed = parse_policy(policy)
 
     async def main() -> Decision:
         async with httpx.AsyncClient() as client:
-            verifier = Verifier(policy.providers, client, TokenCache(10, 60))
-            return await Authorizer(policy, verifier).check(
-                HttpRequest.from_target(method, target, headers=headers or {}, context=context or {}, host=host))
+            verifier = Verifier(parsed.providers, client, TokenCache(10, 60))
+            return await Authorizer(parsed, verifier).check(
+                HttpRequest.from_target(method, target, headers=headers or {}, context=context or {}, host=host),
+                explain=explain)
 
     return asyncio.run(main())
 
@@ -93,9 +95,19 @@ def test_allow_mutations() -> None:
         "x-extauthz-unfiltered": "1",  # no filter applies: Envoy opens no ext_proc stream
     }
     assert d.mutations.remove_headers == ("authorization",)
+    assert d.metadata == {}  # no filter anywhere in the policy: the response phase has nothing to look up
+
+
+def test_the_handoff_carries_the_request_view_filters_need_never_the_claims() -> None:
+    policy = POLICY.replace("    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]",
+                            "    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]\n"
+                            "    filters: [{path: {pattern: \"^/reports\"}, defaultFilterOperation: retain}]", 1)
+    assert policy != POLICY
+    d = check("GET", "/orders", bearer(sub="u-1"), {"proxy": "orders"}, policy=policy)
     assert d.metadata["proxy"] == "orders" and d.metadata["paths"] == ["/orders"]
     assert d.metadata["decisionId"] == d.decision_id
     assert "claims" not in d.metadata  # the response phase gets resolved values, never the claim set
+    assert "x-extauthz-unfiltered" in dict(d.mutations.set_headers)  # /orders is outside the filter's scope
 
 
 def test_identity_header_with_unsafe_value_is_removed_not_forwarded() -> None:
@@ -118,6 +130,15 @@ def test_trace_explains_each_rule() -> None:
     assert not d.allowed and d.reason == "default deny"
     (entry,) = d.trace
     assert entry.outcome.value == "not matched" and "does not match '^/orders'" in entry.reason
+
+
+@pytest.mark.parametrize(("target", "context"), [("/nope", "orders"), ("/orders/1", "orders"), ("/secret", "billing")])
+def test_serving_decides_as_explain_does_without_formatting_a_trace(target: str, context: str) -> None:
+    explained = check("GET", target, bearer(sub="u"), {"proxy": context})
+    served = check("GET", target, bearer(sub="u"), {"proxy": context}, explain=False)
+    assert explained.trace and not served.trace
+    assert (served.allowed, served.status, served.code, served.reason, served.rule, served.monitored) == \
+        (explained.allowed, explained.status, explained.code, explained.reason, explained.rule, explained.monitored)
 
 
 def test_look_alike_spellings_of_owned_headers_are_stripped() -> None:

@@ -11,12 +11,13 @@ This module knows nothing about gRPC or protobuf: the ext_authz servicer, the CL
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 from extauthz.core.claims import ANONYMOUS, Claims
-from extauthz.core.decision import Code, Decision, Mutations
+from extauthz.core.decision import Code, Decision, Mutations, new_decision_id
 from extauthz.core.handoff import Handoff
 from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
@@ -27,6 +28,8 @@ from extauthz.core.scope import request_in_scope
 from extauthz.core.tokens import FoundToken, find_token
 from extauthz.core.variables import resolve
 from extauthz.policy.model import Effect, Mode, Policy, Proxy
+
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
 def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
@@ -86,42 +89,49 @@ class Authorizer:
         self.verifier = verifier
         self.relationships = relationships or NoRelationships()
         self._facts: Mapping[str, _ProxyFacts] = {p.name: _ProxyFacts.of(policy, p) for p in policy.proxies}
+        self._filters = any(p.filters for p in policy.proxies)
 
-    async def check(self, request: HttpRequest) -> Decision:
-        """Decide one request; the decision names this authorizer's policy digest."""
-        return replace(await self._decide(request), policy=self.policy.digest)
+    async def check(self, request: HttpRequest, explain: bool = False) -> Decision:
+        """Decide one request; the decision names this authorizer's policy digest.
 
-    async def _decide(self, request: HttpRequest) -> Decision:
-        check = self._admit(request, str(uuid.uuid4()))
+        With ``explain`` the decision carries every rule's outcome and reason
+        (``extauthz explain``); serving traffic skips formatting them.
+        """
+        check = self._admit(request, new_decision_id())
         if isinstance(check, Decision):
             return check
         identity = await self._identify(check)
         if isinstance(identity, Decision):
             return identity
         claims, found = identity
-        verdict = await evaluate(check.proxy, request, claims, self.relationships)
+        verdict = await evaluate(check.proxy, request, claims, self.relationships, explain)
+        if not explain and verdict.trace:
+            verdict = Verdict(verdict.effect, verdict.rule, ())
         return self._respond(check, claims, found, verdict)
 
     def _admit(self, request: HttpRequest, decision_id: str) -> _Check | Decision:
         """Admission: which proxy decides, and can the request be read unambiguously at all."""
         if request.host_name is None:
-            return Decision(False, 400, Code.BAD_REQUEST, f"host {request.host!r} has no single reading", decision_id)
+            return Decision(False, 400, Code.BAD_REQUEST, f"host {request.host!r} has no single reading", decision_id,
+                            policy=self.policy.digest)
         proxy = select_proxy(self.policy, request)
         if proxy is None:
             return Decision(False, 403, Code.NO_POLICY, "no proxy matches this request "
                             f"(context proxy={request.context.get('proxy')!r}, host={request.host!r})",
-                            decision_id)
+                            decision_id, policy=self.policy.digest)
         views = request.views
         if views is None:
             return Decision(False, 400, Code.BAD_REQUEST, "the path or a method override has no single reading "
-                            f"({request.method} {request.path!r})", decision_id, proxy.name)
+                            f"({request.method} {request.path!r})", decision_id, proxy.name,
+                            policy=self.policy.digest)
         facts = self._facts[proxy.name]
         for view in views:
             if view.method in REFUSED_METHODS or (
                 view.method not in STANDARD_METHODS and view.method not in facts.named_methods
             ):
                 return Decision(False, 405, Code.METHOD_NOT_ALLOWED,
-                                f"method {view.method} is refused unless a rule names it", decision_id, proxy.name)
+                                f"method {view.method} is refused unless a rule names it", decision_id, proxy.name,
+                                policy=self.policy.digest)
         return _Check(request, views, decision_id, proxy, facts)
 
     async def _identify(self, check: _Check) -> tuple[Claims, FoundToken] | Decision:
@@ -146,24 +156,30 @@ class Authorizer:
             if rule else f"default {proxy.default_effect.value}"
         if verdict.effect is Effect.DENY and proxy.mode is not Mode.MONITOR:
             return Decision(False, 403, Code.FORBIDDEN, why, check.decision_id, proxy.name, rule, claims,
-                            trace=verdict.trace)
-        decision = self._allow(check, claims, found, why,
-                               forward_token=self.policy.providers[claims.provider].forward_token)
-        if verdict.effect is Effect.DENY:  # monitor mode: allowed, but counted and logged as would_deny
-            return replace(decision, code=Code.WOULD_DENY, rule=rule, monitored=True, trace=verdict.trace)
-        return replace(decision, rule=rule, trace=verdict.trace)
+                            trace=verdict.trace, policy=self.policy.digest)
+        # Monitor mode: a deny is allowed, but counted and logged as would_deny.
+        return self._allow(check, claims, found, why,
+                           forward_token=self.policy.providers[claims.provider].forward_token, verdict=verdict)
 
     def _allow(
         self, check: _Check, claims: Claims, found: FoundToken | None, why: str, forward_token: bool,
+        verdict: Verdict | None = None,
     ) -> Decision:
         proxy = check.proxy
-        handoff = self._handoff(check, claims)
-        filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
-                       for f in proxy.filters)
+        metadata: Mapping[str, Any] = _NO_METADATA
+        filtered = False
+        if self._filters:  # with no filter anywhere, the response phase passes everything: nothing to hand off
+            handoff = self._handoff(check, claims)
+            filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
+                           for f in proxy.filters)
+            metadata = handoff.to_metadata()
         mutations = upstream_mutations(proxy, check.request, claims, found, forward_token, check.facts.stripping,
                                        filtered)
-        return Decision(True, 200, Code.ALLOWED, why, check.decision_id, proxy.name, None, claims, mutations,
-                        metadata=handoff.to_metadata())
+        monitored = verdict is not None and verdict.effect is Effect.DENY
+        return Decision(True, 200, Code.WOULD_DENY if monitored else Code.ALLOWED, why, check.decision_id,
+                        proxy.name, verdict.rule if verdict else None, claims, mutations,
+                        metadata=metadata, monitored=monitored,
+                        trace=verdict.trace if verdict else (), policy=self.policy.digest)
 
     def _handoff(self, check: _Check, claims: Claims) -> Handoff:
         """What the response phase needs: the request's readings and each filter's variables.
@@ -176,20 +192,25 @@ class Authorizer:
         for flt in check.proxy.filters:
             per_view = [resolve(flt.variables, view, claims) for view in views]
             values.append({k: v for k, v in per_view[0].items() if all(o.get(k) == v for o in per_view[1:])})
+        methods: tuple[str, ...]
+        paths: tuple[str, ...]
+        if len(views) == 1:
+            methods, paths = (views[0].method,), (views[0].path,)
+        else:
+            methods, paths = tuple(dict.fromkeys(v.method for v in views)), tuple(dict.fromkeys(v.path for v in views))
         return Handoff(
             decision_id=check.decision_id, proxy=check.proxy.name, policy=self.policy.digest,
-            methods=tuple(dict.fromkeys(v.method for v in views)), paths=tuple(dict.fromkeys(v.path for v in views)),
-            host=check.request.host_name or "",
-            filter_values=tuple(values),
+            methods=methods, paths=paths, host=check.request.host_name or "", filter_values=tuple(values),
         )
 
     def _unauthenticated(self, check: _Check, error: TokenError) -> Decision:
         decision_id, proxy = check.decision_id, check.proxy
         if error.status != 401:
-            return Decision(False, error.status, error.code, error.reason, decision_id, proxy.name)
+            return Decision(False, error.status, error.code, error.reason, decision_id, proxy.name,
+                            policy=self.policy.digest)
         challenge = 'Bearer realm="extauthz"'
         if error.rfc6750_error:
             challenge += f', error="{error.rfc6750_error}"'
         code = Code.TOKEN_MISSING if error.code == Code.TOKEN_MISSING else Code.INVALID_TOKEN
         return Decision(False, 401, code, f"{error.code}: {error.reason}", decision_id, proxy.name,
-                        www_authenticate=challenge, mutations=Mutations())
+                        www_authenticate=challenge, mutations=Mutations(), policy=self.policy.digest)

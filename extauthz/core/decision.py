@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -43,6 +44,15 @@ MESSAGES: Mapping[str, str] = {
 }
 
 
+def new_decision_id() -> str:
+    """A random (version 4) UUID in its usual text form, at a quarter of ``str(uuid.uuid4())``'s cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def error_body(code: str, message: str, decision_id: str) -> bytes:
     """The one JSON error body of both phases: ``{error, message, decisionId}``, no secrets."""
     return orjson.dumps({"error": code, "message": message, "decisionId": decision_id})
@@ -57,8 +67,11 @@ class Mutations:
     remove_query_params: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
+    """One Check's outcome. Built once and only read afterwards; not frozen because a frozen dataclass of
+    this many fields costs ~3.5 us more to build, on every request."""
+
     allowed: bool
     status: int
     code: str

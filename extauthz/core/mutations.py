@@ -19,6 +19,7 @@ Nothing the caller sent that belongs to the sidecar reaches the upstream:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from extauthz.core.claims import Claims
 from extauthz.core.decision import Mutations
 from extauthz.core.request import HttpRequest
 from extauthz.core.tokens import FoundToken, without_cookies
-from extauthz.policy.model import Proxy, TokenSource
+from extauthz.policy.model import IdentityHeader, Proxy, TokenSource, Upstream
 
 RANGE_HEADERS = ("range", "if-range")
 UNFILTERED_MARKER = "x-extauthz-unfiltered"
@@ -90,16 +91,28 @@ def upstream_mutations(
     credential = proxy.upstream.target_credential
     if credential is not None:
         set_headers[credential.header] = credential.prefix + credential.value
-    for header in proxy.upstream.identity_headers:
-        claim_values = {n: v for n in header.value.variables if (v := claims.lookup(n)) is not None}
-        value = header.value.render(claim_values)
-        if value is None or not _safe_header_value(value):
-            remove.append(header.name)
-        else:
-            set_headers[header.name] = value
+    upstream = proxy.upstream
+    if upstream.identity_headers:
+        for name, value in claims.derived(upstream, _identity_values):
+            if value is None:
+                remove.append(name)
+            else:
+                set_headers[name] = value
     # A header being set is overwritten; removing it as well could drop the new value.
-    remove = [h for h in dict.fromkeys(remove) if h not in set_headers]
+    if len(remove) > 1 or (remove and remove[0] in set_headers):
+        remove = [h for h in dict.fromkeys(remove) if h not in set_headers]
     return Mutations(tuple(set_headers.items()), tuple(remove), tuple(remove_query))
+
+
+def _identity_values(upstream: Upstream, claims: Claims) -> tuple[tuple[str, str | None], ...]:
+    return tuple((header.name, _rendered(header, claims)) for header in upstream.identity_headers)
+
+
+def _rendered(header: IdentityHeader, claims: Claims) -> str | None:
+    """The header's value for these claims; None (remove the header) when a claim is missing or unsafe."""
+    claim_values = {n: v for n in header.value.variables if (v := claims.lookup(n)) is not None}
+    value = header.value.render(claim_values)
+    return value if value is not None and _safe_header_value(value) else None
 
 
 def _look_alikes(request: HttpRequest, owned: frozenset[str]) -> list[str]:
@@ -109,6 +122,9 @@ def _look_alikes(request: HttpRequest, owned: frozenset[str]) -> list[str]:
     return [name for name in request.headers if "_" in name and name.replace("_", "-") in owned]
 
 
+# Anything but tab, printable ASCII and non-control, non-surrogate Unicode: never put into a header.
+_UNSAFE_IN_HEADER = re.compile("[^\t\x20-\x7e\xa0-\ud7ff\ue000-\U0010ffff]")
+
+
 def _safe_header_value(value: str) -> bool:
-    return all(c == "\t" or 0x20 <= ord(c) < 0x7F or (ord(c) > 0x9F and not 0xD800 <= ord(c) <= 0xDFFF)
-               for c in value)
+    return _UNSAFE_IN_HEADER.search(value) is None

@@ -31,6 +31,7 @@ from extauthz.core.claims import Claims
 from extauthz.core.normalize import method_matches
 from extauthz.core.request import HttpRequest
 from extauthz.core.variables import resolve
+from extauthz.policy.matchers import Exact, Matcher
 from extauthz.policy.model import Effect, Presence, Proxy, Rule
 
 
@@ -86,49 +87,71 @@ class NoRelationships:
         return None
 
 
+_NO_VALUES: dict[str, str] = {}  # never written to: rules without variables only read it
+
+
 def _presence(found: bool, presence: Presence) -> bool:
     return found if presence is Presence.MUST_EXIST else not found
 
 
-def _cheap(rule: Rule, request: HttpRequest, claims: Claims) -> tuple[bool | None, str, dict[str, str]]:
-    """Evaluate every non-relationship condition; (result, reason, variable values)."""
+def _cheap(rule: Rule, request: HttpRequest, claims: Claims, explain: bool) -> tuple[bool | None, str, dict[str, str]]:
+    """Evaluate every non-relationship condition; (result, reason, variable values).
+
+    The reason is formatted only when ``explain`` asks for it: a Check that
+    serves traffic never shows it, and formatting was a good part of its cost.
+    """
     if rule.methods is not None and not method_matches(rule.methods, request.method):
-        return False, f"method {request.method} not in {sorted(rule.methods)}", {}
-    values = resolve(rule.variables, request, claims)
+        return False, f"method {request.method} not in {sorted(rule.methods)}" if explain else "", _NO_VALUES
+    values = resolve(rule.variables, request, claims) if rule.uses_values else _NO_VALUES
     unresolved: list[str] = []
     if rule.path is not None:
         regex = rule.path.pattern.bind(values)
         if regex is None:
             unresolved.append(f"path pattern {rule.path.pattern.source!r}")
         else:
-            found = regex.search(request.path) is not None
+            found = regex.matches(request.path)
             if not _presence(found, rule.path.presence):
                 return False, f"path {request.path!r} {'does not match' if not found else 'matches'} " \
-                    f"{rule.path.pattern.source!r} ({rule.path.presence.value})", values
+                    f"{rule.path.pattern.source!r} ({rule.path.presence.value})" if explain else "", values
     for condition in rule.token:
         name_re = condition.claim.bind(values)
         value_re = condition.value.bind(values) if condition.value is not None else None
         if name_re is None or (condition.value is not None and value_re is None):
             unresolved.append(f"token condition on {condition.claim.source!r}")
             continue
-        found = False
-        for name, spelled in claims.flat:
-            if name_re.search(name) is None:
-                continue
-            if value_re is None or (spelled is not None and any(value_re.search(v) for v in spelled)):
-                found = True
-                break
+        found = _claim_found(name_re, value_re, claims)
         if not _presence(found, condition.presence):
+            if not explain:
+                return False, "", values
             what = condition.claim.source + (f" = {condition.value.source!r}" if condition.value else "")
             return False, f"claim {what} is {'present' if found else 'absent'} " \
                 f"({condition.presence.value})", values
     if unresolved:
         return None, "unresolved: " + ", ".join(unresolved), values
-    return True, "all conditions match", values
+    return True, "all conditions match" if explain else "", values
+
+
+def _claim_found(name_re: Matcher, value_re: Matcher | None, claims: Claims) -> bool:
+    """Is there a claim whose name matches, with (if asked) a value that matches? An exact name is looked up."""
+    if type(name_re) is Exact:
+        for name in name_re.names:
+            for _, spelled in claims.named.get(name, ()):
+                if value_re is None:
+                    return True
+                if spelled is not None:
+                    for value in spelled:
+                        if value_re.matches(value):
+                            return True
+        return False
+    for name, spelled in claims.flat:
+        if name_re.matches(name) and (value_re is None or (
+                spelled is not None and any(value_re.matches(v) for v in spelled))):
+            return True
+    return False
 
 
 async def evaluate(
-    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
+    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver, explain: bool = True,
 ) -> Verdict:
     """Decide every reading of ``request``; it is allowed only if each reading is.
 
@@ -138,11 +161,19 @@ async def evaluate(
     views = request.views
     if views is None:
         return Verdict(Effect.DENY, None, ())
-    first = await _evaluate(proxy, views[0], claims, relationships)
+    if not explain and not proxy.has_relationships:  # the serving path of most policies: no awaits, no trace
+        verdicts = []
+        for view in views:
+            verdict = _plain(proxy, view, claims)
+            if verdict.effect is Effect.DENY:
+                return verdict
+            verdicts.append(verdict)
+        return verdicts[0]
+    first = await _evaluate(proxy, views[0], claims, relationships, explain)
     if first.effect is Effect.DENY or len(views) == 1:
         return first
     for view in views[1:]:
-        verdict = await _evaluate(proxy, view, claims, relationships)
+        verdict = await _evaluate(proxy, view, claims, relationships, explain)
         if verdict.effect is Effect.DENY:
             note = f" [as the service may read it: {view.method} {view.path}]"
             return Verdict(verdict.effect, verdict.rule,
@@ -150,15 +181,34 @@ async def evaluate(
     return first
 
 
+def _plain(proxy: Proxy, request: HttpRequest, claims: Claims) -> Verdict:
+    """Rules without relationship conditions, no trace: stop at the first matched deny, skip allows once one matched."""
+    allow: Rule | None = None
+    for rule in proxy.rules:
+        deny = rule.effect is Effect.DENY
+        if not deny and allow is not None:
+            continue  # a second allow changes nothing; only a deny still could
+        result = _cheap(rule, request, claims, False)[0]
+        if result is None:
+            result = deny  # fail closed: unresolved matches a deny rule and never an allow rule
+        if result:
+            if deny:
+                return Verdict(Effect.DENY, rule, ())
+            allow = rule
+    if allow is not None:
+        return Verdict(Effect.ALLOW, allow, ())
+    return Verdict(proxy.default_effect, None, ())
+
+
 async def _evaluate(
-    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver
+    proxy: Proxy, request: HttpRequest, claims: Claims, relationships: RelationshipResolver, explain: bool,
 ) -> Verdict:
     trace: list[RuleTrace] = []
     deny: Rule | None = None
     allow: Rule | None = None
     pending: list[tuple[Rule, dict[str, str]]] = []
     for rule in proxy.rules:
-        result, reason, values = _cheap(rule, request, claims)
+        result, reason, values = _cheap(rule, request, claims, explain)
         if result is None:
             # Fail closed: unresolved matches a deny rule and never an allow rule.
             result = rule.effect is Effect.DENY

@@ -13,17 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from extauthz.core.normalize import method_matches
+from extauthz.policy.matchers import Matcher
 from extauthz.policy.model import Filter
-from extauthz.policy.patterns import CompiledRegex
 
 
-def _path_matches(regex: CompiledRegex, paths: tuple[str, ...]) -> bool:
+def _path_matches(regex: Matcher, paths: tuple[str, ...]) -> bool:
     """Any reading of the path, with or without a trailing slash: a scope never misses ``/v1/docs/``."""
     for path in paths:
-        if regex.search(path) is not None:
+        if regex.matches(path):
             return True
         other = path[:-1] if path.endswith("/") and len(path) > 1 else path + "/"
-        if regex.search(other) is not None:
+        if regex.matches(other):
             return True
     return False
 

@@ -53,8 +53,8 @@ from enum import Enum
 from typing import Final, TypeAlias
 
 from extauthz.core.claims import spell
+from extauthz.policy.matchers import Matcher
 from extauthz.policy.model import Filter, FilterEffect, FilterOperation
-from extauthz.policy.patterns import CompiledRegex
 
 JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
 
@@ -71,8 +71,8 @@ _DROP: Final = _Drop.DROP
 class _MatchAll:
     """Stands in for an unresolved pattern wherever matching takes something away."""
 
-    def search(self, text: str) -> object | None:
-        return self
+    def matches(self, text: str) -> bool:
+        return True
 
 
 _MATCH_ALL: Final = _MatchAll()
@@ -83,9 +83,9 @@ class RowTest:
     """One bound row operation: the arrays it addresses and the element test."""
 
     operation: FilterOperation
-    json_path: CompiledRegex
-    match_field: CompiledRegex
-    match_value: CompiledRegex
+    json_path: Matcher
+    match_field: Matcher
+    match_value: Matcher
     unconditional: bool = False
     """A destroy row operation with an unresolved variable: every addressed row matches."""
     never: bool = False
@@ -97,8 +97,8 @@ class BoundFilter:
     """A filter with its variables substituted and its patterns compiled, for one response."""
 
     filter: Filter
-    retain_fields: tuple[CompiledRegex, ...]
-    destroy_fields: tuple[CompiledRegex, ...]
+    retain_fields: tuple[Matcher, ...]
+    destroy_fields: tuple[Matcher, ...]
     retain_rows: tuple[RowTest, ...]
     destroy_rows: tuple[RowTest, ...]
     unresolved: tuple[int, ...] = ()
@@ -113,7 +113,7 @@ class BoundFilter:
         return _Run(self).apply(document)
 
 
-def _or_all(compiled: CompiledRegex | None) -> CompiledRegex:
+def _or_all(compiled: Matcher | None) -> Matcher:
     return _MATCH_ALL if compiled is None else compiled
 
 
@@ -127,8 +127,8 @@ def bind(filter: Filter, values: Mapping[str, str]) -> BoundFilter:
     filtering) matches everything. Operations keep the loader's (priority, file
     order) order.
     """
-    retain_fields: list[CompiledRegex] = []
-    destroy_fields: list[CompiledRegex] = []
+    retain_fields: list[Matcher] = []
+    destroy_fields: list[Matcher] = []
     retain_rows: list[RowTest] = []
     destroy_rows: list[RowTest] = []
     unresolved: list[int] = []
@@ -199,7 +199,7 @@ class _RowMatcher:
 
     def __init__(self, test: RowTest) -> None:
         self.test = test
-        self._fields = _FieldNode("", test.match_field.search("") is not None)
+        self._fields = _FieldNode("", test.match_field.matches(""))
         self._values: dict[str, bool] = {}
 
     def matches(self, element: JsonValue) -> bool:
@@ -211,14 +211,14 @@ class _RowMatcher:
 
     def _child(self, node: _FieldNode, key: str) -> _FieldNode:
         name = f"{node.name}.{key}" if node.name else key
-        child = node.children[key] = _FieldNode(name, self.test.match_field.search(name) is not None)
+        child = node.children[key] = _FieldNode(name, self.test.match_field.matches(name))
         return child
 
     def _value(self, value: str | int | float | bool) -> bool:
         text = value if isinstance(value, str) else spell(value)
         verdict = self._values.get(text)
         if verdict is None:
-            verdict = self._values[text] = self.test.match_value.search(text) is not None
+            verdict = self._values[text] = self.test.match_value.matches(text)
         return verdict
 
     def _scan(self, value: JsonValue, node: _FieldNode) -> bool:
@@ -251,10 +251,10 @@ class _Run:
         b = self.bound
         return _PathNode(
             path,
-            retain=any(r.search(path) is not None for r in b.retain_fields),
-            destroy=any(r.search(path) is not None for r in b.destroy_fields),
-            retain_rows=tuple(m for m in self.retain_rows if m.test.json_path.search(path) is not None),
-            destroy_rows=tuple(m for m in self.destroy_rows if m.test.json_path.search(path) is not None),
+            retain=any(r.matches(path) for r in b.retain_fields),
+            destroy=any(r.matches(path) for r in b.destroy_fields),
+            retain_rows=tuple(m for m in self.retain_rows if m.test.json_path.matches(path)),
+            destroy_rows=tuple(m for m in self.destroy_rows if m.test.json_path.matches(path)),
         )
 
     def _child(self, node: _PathNode, key: str) -> _PathNode:

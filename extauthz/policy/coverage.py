@@ -75,7 +75,7 @@ def _admits(rule: Rule, flt: Filter, path: str) -> bool:
     compiled = rule.path.pattern.bind({name: _SAMPLE for name in rule.path.pattern.variables})
     if compiled is None:
         return False
-    return (compiled.search(path) is not None) == (rule.path.presence is Presence.MUST_EXIST)
+    return (compiled.matches(path)) == (rule.path.presence is Presence.MUST_EXIST)
 
 
 def example(pattern: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -127,6 +128,14 @@ class Rule:
     def is_relationship(self) -> bool:
         return self.fga is not None or self.authzen is not None
 
+    @cached_property
+    def uses_values(self) -> bool:
+        """Does deciding this rule need the request's variable values? (Most rules don't: no lookup then.)"""
+        patterns = [c.claim for c in self.token] + [c.value for c in self.token if c.value is not None]
+        if self.path is not None:
+            patterns.append(self.path.pattern)
+        return bool(self.variables) or self.is_relationship or any(p.variables for p in patterns)
+
 
 # --- filters -------------------------------------------------------------
 
@@ -236,6 +245,11 @@ class Proxy:
     upstream: Upstream = Upstream()
     mode: Mode = Mode.ENFORCE
     default: bool = False
+
+    @cached_property
+    def has_relationships(self) -> bool:
+        """Does any rule ask a relationship backend? If not, a Check decides in one plain pass."""
+        return any(rule.is_relationship for rule in self.rules)
 
 
 # --- relationship backends -----------------------------------------------

@@ -33,17 +33,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import re2
 
 from extauthz.errors import ExtauthzError
+from extauthz.policy.matchers import Matcher, Re2Program, literal_matcher
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\}\}")
-
-
-class CompiledRegex(Protocol):
-    def search(self, text: str) -> object | None: ...
 
 
 class PatternError(ExtauthzError, ValueError):
@@ -55,12 +51,18 @@ _RE2_OPTIONS.max_mem = 8 << 20
 _RE2_OPTIONS.log_errors = False
 
 
-def compile_regex(source: str) -> CompiledRegex:
+def compile_regex(source: str) -> Matcher:
+    """RE2 checks every pattern; a literal one is then matched with string operations (same answers)."""
     try:
-        compiled: CompiledRegex = re2.compile(source, options=_RE2_OPTIONS)
+        compiled = re2.compile(source, options=_RE2_OPTIONS)
     except re2.error as exc:
         raise PatternError(f"invalid regular expression {source!r}: {_reason(exc, source)}") from None
-    return compiled
+    return literal_matcher(source) or Re2Program(compiled)
+
+
+def _compile_bound(source: str) -> Matcher:
+    """A pattern with escaped values filled in; valid by construction, so a literal needs no RE2 program."""
+    return literal_matcher(source) or compile_regex(source)
 
 
 MAX_VALUE_LENGTH = 1024
@@ -101,10 +103,12 @@ class CompiledCache:
     source both compile it, and the first to finish is kept).
     """
 
-    def __init__(self, budget_bytes: int, estimate: Callable[[str], int] = estimate_bytes) -> None:
+    def __init__(self, budget_bytes: int, estimate: Callable[[str], int] = estimate_bytes,
+                 compile: Callable[[str], Matcher] = _compile_bound) -> None:
         self.budget_bytes = budget_bytes
         self._estimate = estimate
-        self._entries: OrderedDict[str, tuple[CompiledRegex, int]] = OrderedDict()
+        self._compile = compile
+        self._entries: OrderedDict[str, tuple[Matcher, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -121,7 +125,7 @@ class CompiledCache:
     def __contains__(self, source: object) -> bool:
         return source in self._entries
 
-    def compile(self, source: str) -> CompiledRegex:
+    def compile(self, source: str) -> Matcher:
         with self._lock:
             entry = self._entries.get(source)
             if entry is not None:
@@ -129,7 +133,7 @@ class CompiledCache:
                 self.hits += 1
                 return entry[0]
             self.misses += 1
-        compiled = compile_regex(source)
+        compiled = self._compile(source)
         size = self._estimate(source)
         if size > self.budget_bytes:
             return compiled  # would evict everything else and still not fit
@@ -170,7 +174,7 @@ class Pattern:
 
     source: str
     variables: tuple[str, ...] = ()
-    _static: CompiledRegex | None = field(default=None, compare=False, repr=False)
+    _static: Matcher | None = field(default=None, compare=False, repr=False)
     parts: Parts = field(default=(), compare=False, repr=False)
 
     @classmethod
@@ -186,9 +190,9 @@ class Pattern:
     def search(self, text: str) -> bool:
         """Match a pattern that has no placeholders (public paths, route templates)."""
         assert self._static is not None, "pattern has placeholders; bind() it first"
-        return self._static.search(text) is not None
+        return self._static.matches(text)
 
-    def bind(self, values: Mapping[str, str]) -> CompiledRegex | None:
+    def bind(self, values: Mapping[str, str]) -> Matcher | None:
         """The compiled regex for these variable values; None if one is missing or too long.
 
         A value over ``MAX_VALUE_LENGTH`` is refused before anything is compiled: the

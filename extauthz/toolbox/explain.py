@@ -204,7 +204,7 @@ async def decide(
         if provider is not None:
             request = with_token(request, provider, identity.token)
     if live is not None:
-        return Explanation.of(await live.check(request), policy, identity.kind)
+        return Explanation.of(await live.check(request, explain=True), policy, identity.kind)
     return Explanation.of(await _offline_check(policy, request, http, relationships), policy, identity.kind)
 
 
@@ -215,6 +215,6 @@ async def _offline_check(
     verifier = Verifier(policy.providers, http, TokenCache(0, 0))
     try:  # closed however the check ends, a failed or cancelled start included
         await verifier.start()
-        return await Authorizer(policy, verifier, relationships).check(request)
+        return await Authorizer(policy, verifier, relationships).check(request, explain=True)
     finally:
         await verifier.close()
