@@ -98,7 +98,7 @@ async def main():
         from extauthz.relationships import build_resolver
         document = json.loads(sys.argv[6])
         policy = parse_policy(yaml.safe_dump(document))
-        resolver = build_resolver(policy)
+        resolver = await build_resolver(policy)
         rule = policy.proxies[0].rules[0]
         request = HttpRequest.from_target("GET", "/v1/journeys/roadmap")
         claims = Claims.of({"sub": "bob"})

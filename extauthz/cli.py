@@ -153,7 +153,7 @@ async def _explain_offline(config: Path, request: Any, identity: Any) -> Any:
     from extauthz.toolbox.explain import decide
 
     policy = load_for_serving(config)
-    resolver = build_resolver(policy)
+    resolver = await build_resolver(policy)
     try:
         async with httpx.AsyncClient() as http:
             return await decide(policy, request, identity, http, resolver)

@@ -489,7 +489,7 @@ async def resolver_for(document: dict[str, Any], base_dir: Path | None = None) -
     from extauthz.relationships import build_resolver
 
     policy = parse_policy(yaml.safe_dump(document, sort_keys=False), "<test>", base_dir)
-    resolver = build_resolver(policy)
+    resolver = await build_resolver(policy)
     try:
         yield Harness(policy, resolver)
     finally:

@@ -10,6 +10,7 @@ the next attempt fetches a fresh one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -144,6 +145,8 @@ class ClientCredentials:
     async def aclose(self) -> None:
         if self._fetching is not None and not self._fetching.done():
             self._fetching.cancel()
+            with contextlib.suppress(BaseException):  # its outcome no longer matters; only that it has ended
+                await self._fetching
 
 
 def _parse_token(raw: bytes) -> tuple[str, float]:

@@ -164,8 +164,12 @@ class Relationships:
         return answers
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        """Cancel lookups still running and wait until they have settled their followers, then close pools."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for client in self._token_clients:
             await client.aclose()
         if self.shared is not None:

@@ -85,7 +85,7 @@ class Runtime:
             await verifier.start()
             from extauthz.relationships import build_resolver
 
-            return cls(policy, verifier, Authorizer(policy, verifier, build_resolver(policy)))
+            return cls(policy, verifier, Authorizer(policy, verifier, await build_resolver(policy)))
         except BaseException:  # failed or cancelled half-way: stop the key refreshes already started
             await verifier.close()
             raise
