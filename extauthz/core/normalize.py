@@ -15,6 +15,7 @@ request has something to normalise (the common path is a plain comparison).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from urllib.parse import unquote_to_bytes
@@ -120,8 +121,14 @@ def normalize_host(host: str) -> str | None:
 
     ``""`` for an absent host; None for one with no single reading (user info,
     spaces, empty labels, a port that is not a number), which the caller refuses
-    rather than letting it fall through to a more lenient proxy.
+    rather than letting it fall through to a more lenient proxy. A service sees
+    few distinct hosts, so readings of names up to DNS length are remembered
+    (a bounded cache: longer, attacker-made names are read every time).
     """
+    return _remembered_host(host) if len(host) <= 260 else _read_host(host)
+
+
+def _read_host(host: str) -> str | None:
     if not host:
         return ""
     text = host.lower()
@@ -140,3 +147,6 @@ def normalize_host(host: str) -> str | None:
     if not name.startswith("[") and not _HOST_LABELS.match(name):
         return None
     return name
+
+
+_remembered_host = functools.lru_cache(maxsize=512)(_read_host)
