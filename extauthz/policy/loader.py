@@ -55,6 +55,8 @@ from extauthz.policy.model import (
     freeze,
 )
 from extauthz.policy.patterns import Pattern, PatternError, Template
+from extauthz.policy.schema import shape_issues
+from extauthz.policy.source import LDict, LList, read_document
 
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -68,58 +70,6 @@ DEFAULT_TOKEN_SOURCES = (TokenSource(header="authorization", prefix="Bearer "),)
 BUILTIN_VARIABLES = ("sub", "method", "host", "path")
 
 T = TypeVar("T")
-
-
-# --- YAML with line numbers ------------------------------------------------
-
-
-class LDict(dict[str, Any]):
-    line: int = 0
-    lines: dict[str, int]
-
-
-class LList(list[Any]):
-    line: int = 0
-    lines: list[int]
-
-
-class LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> LDict:
-    loader.flatten_mapping(node)
-    result = LDict()
-    result.line = node.start_mark.line + 1
-    result.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise yaml.MarkedYAMLError(
-                problem=f"field names must be strings, found {key!r}",
-                problem_mark=key_node.start_mark,
-            )
-        if key in result:
-            raise yaml.MarkedYAMLError(
-                problem=f"duplicate field {key!r}", problem_mark=key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.lines[key] = value_node.start_mark.line + 1
-    return result
-
-
-def _construct_seq(loader: LineLoader, node: yaml.SequenceNode) -> LList:
-    result = LList()
-    result.line = node.start_mark.line + 1
-    result.lines = []
-    for child in node.value:
-        result.append(loader.construct_object(child, deep=True))
-        result.lines.append(child.start_mark.line + 1)
-    return result
-
-
-LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 # --- field reading ---------------------------------------------------------
@@ -901,7 +851,8 @@ def _ttl(o: _Obj, key: str, default: float) -> float:
 def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:
     s = root.obj(
         "server",
-        {"grpcAddress", "metricsAddress", "adminAddress", "tls", "tokenCache", "maxBodyBytes", "drainSeconds"},
+        {"grpcAddress", "httpAddress", "metricsAddress", "adminAddress", "workers", "tls", "tokenCache",
+         "maxBodyBytes", "drainSeconds"},
     )
     if s is None:
         return ServerSettings()
@@ -915,7 +866,9 @@ def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:
     defaults = ServerSettings()
     return ServerSettings(
         grpc_address=s.get("grpcAddress", str, defaults.grpc_address),
+        http_address=s.get("httpAddress", str, ""),
         metrics_address=s.get("metricsAddress", str, ""),
+        workers=s.positive("workers", int, defaults.workers),
         admin_address=s.get("adminAddress", str, ""),
         tls=tls,
         token_cache_size=cache.get("size", int, defaults.token_cache_size) if cache else defaults.token_cache_size,
@@ -941,39 +894,20 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(text, str(file), file.resolve().parent)
 
 
-def syntax_issue(file: str, exc: yaml.MarkedYAMLError) -> Issue:
-    """Where the broken construct starts (an unclosed quote or bracket), and where the parser gave up.
-
-    The parser notices a missing ``"`` or ``]`` only lines later, so for an
-    unclosed quoted scalar or flow collection the line an editor should jump to
-    is where that construct began; for block structure (indentation) it is
-    where the parser stopped.
-    """
-    problem, context = exc.problem_mark, exc.context_mark
-    where = f" at line {problem.line + 1}, column {problem.column + 1}" if problem else ""
-    message = f"not valid YAML/JSON: {exc.problem}{where}"
-    if context is not None and exc.context:
-        message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
-    unclosed = context is not None and any(word in (exc.context or "") for word in ("scalar", "flow"))
-    mark = context if unclosed else problem
-    return Issue(file, (mark.line + 1) if mark else 0, "", message)
-
-
 def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None) -> Policy:
+    """Shape first (every type, bound and unknown field in the file, from the declared model), then meaning
+    (patterns, references, files); all issues of both passes are reported together, each once."""
     raw = text.encode() if isinstance(text, str) else text
     ctx = _Ctx(file, base_dir or Path.cwd())
-    try:
-        document = yaml.load(raw, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        raise PolicyError([syntax_issue(file, exc)]) from None
-    except yaml.YAMLError as exc:
-        raise PolicyError([Issue(file, 0, "", f"not valid YAML/JSON: {exc}")]) from None
+    document = read_document(raw, file)
+    shape = shape_issues(document, file)
     try:
         policy = _parse_root(ctx, document)
     except _Abort:
         policy = None
-    if ctx.issues or policy is None:
-        raise PolicyError(sorted(ctx.issues, key=lambda i: i.line))
+    issues = merge_issues(ctx.issues, shape)
+    if issues or policy is None:
+        raise PolicyError(issues or [Issue(file, 0, "", "the policy could not be read")])
     digest = hashlib.sha256(raw).hexdigest()[:16]
     return Policy(
         providers=policy.providers, proxies=policy.proxies, openfga=policy.openfga,
@@ -1025,7 +959,7 @@ def load_filter(obj: Mapping[str, Any], index: int = 0) -> Filter:
 
 def _single(text: str, parse: Callable[[_Ctx, Any], T]) -> T:
     ctx = _Ctx("<inline>", Path.cwd())
-    document = yaml.load(text, Loader=LineLoader)  # noqa: S506
+    document = read_document(text.encode(), "<inline>")
     try:
         result = parse(ctx, document)
     except _Abort:
@@ -1033,3 +967,19 @@ def _single(text: str, parse: Callable[[_Ctx, Any], T]) -> T:
     if ctx.issues or result is None:
         raise PolicyError(ctx.issues)
     return result
+
+
+def merge_issues(meaning: list[Issue], shape: list[Issue]) -> list[Issue]:
+    """Both passes' issues, each field reported once, in file order.
+
+    The loader's own message wins where both speak of the same field (it knows
+    the context: "did you mean", which backends exist); a shape issue inside a
+    field the loader already refused as a whole is not repeated.
+    """
+    said = {issue.field for issue in meaning}
+
+    def covered(field: str) -> bool:
+        return any(field == f or field.startswith((f + ".", f + "[")) or f.startswith((field + ".", field + "["))
+                   for f in said)
+
+    return sorted([*meaning, *(i for i in shape if not covered(i.field))], key=lambda i: (i.line, i.field))

@@ -315,7 +315,11 @@ class TlsSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     grpc_address: str = "127.0.0.1:9001"
+    http_address: str = ""
+    """The HTTP ext_authz listener (Envoy's ``http_service``); off when empty."""
     metrics_address: str = ""
+    workers: int = 1
+    """Sidecar processes sharing the listening ports (SO_REUSEPORT)."""
     admin_address: str = ""
     tls: TlsSettings | None = None
     token_cache_size: int = 10_000

@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import LDict, LineLoader, LList, syntax_issue
 from extauthz.policy.model import Policy, Rule
+from extauthz.policy.source import LDict, LList, read_document
 from extauthz.server.validation import load_for_serving
 from extauthz.toolbox.explain import Explanation, Identity, build_request, decide
 
@@ -232,11 +231,10 @@ def load_suite(file: Path, policy_override: Path | None = None) -> Suite:
     """Parse a test file; raises :class:`PolicyError` (file:line: field: message) when it is invalid."""
     reader = _Reader(str(file))
     try:
-        document = yaml.load(file.read_bytes(), Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = file.read_bytes()
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read test file: {exc.strerror}")]) from None
-    except yaml.MarkedYAMLError as exc:
-        raise PolicyError([syntax_issue(str(file), exc)]) from None
+    document = read_document(raw, str(file))
     root = reader.mapping(document, "<root>", 1, {"policy", "tests"})
     if root is None:
         raise PolicyError(reader.issues)
