@@ -99,3 +99,19 @@ def test_interpolated_values_are_literals_whatever_they_hold() -> None:
         assert bound is not None and isinstance(bound, Prefix)
         assert bound.matches(f"/v1/tenants/{value}/orders")
         assert not bound.matches("/v1/tenants/other/orders")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text("ab", max_size=2),
+    lambda children: st.lists(children, max_size=2) | st.dictionaries(st.text("ab.", max_size=3), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text("ab.", max_size=3), json_values, max_size=4), st.text("ab.", max_size=5))
+def test_a_claim_named_exactly_is_found_as_the_flattened_scan_finds_it(payload: dict[str, object], name: str) -> None:
+    from extauthz.core.claims import Claims
+
+    claims = Claims.of(payload)
+    assert sorted(claims.named(name), key=repr) == sorted((e for e in claims.flat if e[0] == name), key=repr)

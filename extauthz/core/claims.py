@@ -1,10 +1,10 @@
-"""Verified claims, flattened once per token so rule matching is a flat scan."""
+"""Verified claims: the payload, and the views of it rules match against."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar, cast
 
@@ -23,51 +23,84 @@ Flat = tuple[str, tuple[str, ...] | None]
 """A dotted claim name and its values in JSON spelling (None for an object, which has none of its own)."""
 
 
-def _flatten(prefix: str, value: object, out: list[Flat]) -> None:
+def _entry(name: str, value: object) -> Flat:
     if isinstance(value, Mapping):
-        out.append((prefix, None))  # present, but has no value of its own to match
+        return (name, None)  # present, but has no value of its own to match
+    if isinstance(value, list):
+        return (name, tuple(spell(v) for v in value))
+    return (name, (spell(value),))
+
+
+def _flatten(name: str, value: object, out: list[Flat]) -> None:
+    out.append(_entry(name, value))
+    if isinstance(value, Mapping):
         for key, child in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), child, out)
-    elif isinstance(value, list):
-        out.append((prefix, tuple(spell(v) for v in value)))
-    else:
-        out.append((prefix, (spell(value),)))
+            _flatten(f"{name}.{key}", child, out)
+
+
+_MISSING = object()
+
+
+def _find(node: Mapping[str, Any], rest: str, name: str, out: list[Flat]) -> None:
+    """Entries named ``name`` below ``node``: ``rest`` as one key, or split at a dot into a key and what follows."""
+    value = node.get(rest, _MISSING)
+    if value is not _MISSING:
+        out.append(_entry(name, value))
+    dot = rest.find(".")
+    while dot >= 0:
+        child = node.get(rest[:dot])
+        if isinstance(child, Mapping):
+            _find(child, rest[dot + 1:], name, out)
+        dot = rest.find(".", dot + 1)
 
 
 @dataclass(frozen=True)
 class Claims:
-    """The verified token payload plus its flattened (dotted name, values) view."""
+    """The verified token payload, cached with its token; views of it are made when a rule needs them.
+
+    Only the payload is kept for every cached token: the flattened view is built
+    on the first rule that scans claim names, and a rule naming one claim
+    exactly (``^sub$``) reads it straight from the payload.
+    """
 
     payload: Mapping[str, Any]
     provider: str = ""
-    flat: tuple[Flat, ...] = field(default=(), repr=False)
-    named: Mapping[str, tuple[Flat, ...]] = field(default_factory=dict, repr=False)
-    """``flat`` by dotted name, for conditions that name one claim exactly (``^sub$``): a lookup, not a scan.
-    A name may occur twice (a key ``"a.b"`` beside ``{"a": {"b": ...}}``)."""
-    memo: dict[int, tuple[object, Any]] = field(default_factory=dict, compare=False, repr=False)
-    """Results derived from these claims alone (identity header values per ``upstream``), computed once per
-    verified token rather than per request: claims are cached with their token. Keyed by ``id(owner)``;
-    each entry keeps its owner alive so the id cannot be reused while the entry exists."""
+
+    @classmethod
+    def of(cls, payload: Mapping[str, Any], provider: str = "") -> Claims:
+        return cls(payload, provider)
+
+    @cached_property
+    def flat(self) -> tuple[Flat, ...]:
+        """Every claim as (dotted name, values), nested objects included, for patterns over claim names."""
+        out: list[Flat] = []
+        for key, value in self.payload.items():
+            _flatten(str(key), value, out)
+        return tuple(out)
+
+    def named(self, name: str) -> list[Flat]:
+        """The entries of ``flat`` called exactly ``name`` (a key ``"a.b"`` and ``{"a": {"b": ...}}`` both are)."""
+        out: list[Flat] = []
+        _find(self.payload, name, name, out)
+        return out
+
+    @cached_property
+    def memo(self) -> dict[int, tuple[object, Any]]:
+        """Results derived from these claims alone (identity header values per ``upstream``), computed once per
+        verified token rather than per request. Keyed by ``id(owner)``; each entry keeps its owner alive so
+        the id cannot be reused while the entry exists."""
+        return {}
 
     def derived(self, owner: Owner, compute: Callable[[Owner, Claims], T]) -> T:
         """``compute(owner, self)``, once per owner (an object of the running policy) while these claims live."""
+        if not self.payload:  # the shared anonymous claims would keep every policy's owners alive
+            return compute(owner, self)
         hit = self.memo.get(id(owner))
         if hit is not None and hit[0] is owner:
             return cast(T, hit[1])
         value = compute(owner, self)
-        if self.payload:  # the shared anonymous claims would keep every policy's owners alive
-            self.memo[id(owner)] = (owner, value)
+        self.memo[id(owner)] = (owner, value)
         return value
-
-    @classmethod
-    def of(cls, payload: Mapping[str, Any], provider: str = "") -> Claims:
-        out: list[Flat] = []
-        for key, value in payload.items():
-            _flatten(str(key), value, out)
-        named: dict[str, tuple[Flat, ...]] = {}
-        for entry in out:
-            named[entry[0]] = (*named.get(entry[0], ()), entry)
-        return cls(payload, provider, tuple(out), named)
 
     @cached_property
     def sub(self) -> str | None:

@@ -135,7 +135,7 @@ def _claim_found(name_re: Matcher, value_re: Matcher | None, claims: Claims) -> 
     """Is there a claim whose name matches, with (if asked) a value that matches? An exact name is looked up."""
     if type(name_re) is Exact:
         for name in name_re.names:
-            for _, spelled in claims.named.get(name, ()):
+            for _, spelled in claims.named(name):
                 if value_re is None:
                     return True
                 if spelled is not None:
