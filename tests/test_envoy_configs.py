@@ -34,7 +34,7 @@ def test_shipped_config_fails_closed(path: Path) -> None:
     authz = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
     assert authz["failure_mode_allow"] is False
     assert authz["transport_api_version"] == "V3"
-    assert authz["grpc_service"]["timeout"]
+    assert (authz.get("grpc_service") or authz["http_service"]["server_uri"])["timeout"]  # gRPC or HTTP transport
     names = [f["name"] for f in http_filters(config)]
     assert names[0] == "envoy.filters.http.ext_authz" and names[-1] == "envoy.filters.http.router"
 

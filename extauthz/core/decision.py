@@ -28,6 +28,8 @@ class Code(StrEnum):
     NO_POLICY = "no_policy"
     BAD_REQUEST = "bad_request"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    QUERY_TOKEN_REFUSED = "query_token_refused"  # noqa: S105 - a code, not a secret
+    """Allowed only by removing a query parameter, which the HTTP transport cannot do: denied there."""
     INTERNAL_ERROR = "internal_error"
 
 
@@ -40,6 +42,7 @@ MESSAGES: Mapping[str, str] = {
     Code.NO_POLICY: "no policy covers this request",
     Code.BAD_REQUEST: "the request cannot be read unambiguously",
     Code.METHOD_NOT_ALLOWED: "this method is not allowed",
+    Code.QUERY_TOKEN_REFUSED: "a token in the query string is not accepted here; send it in a header",
     Code.INTERNAL_ERROR: "authorization failed",
 }
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,12 @@ class Ports:
     admin: int
     extauthz: int
     app: int
+    http: int = field(default_factory=free_port)
+    """extauthz's HTTP ext_authz port (the ``extauthz_http`` cluster of envoy/envoy-http.yaml)."""
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 def render_envoy_config(ports: Ports, source: Path = ENVOY_DIR / "envoy.yaml",
@@ -69,7 +71,7 @@ def render_envoy_config(ports: Ports, source: Path = ENVOY_DIR / "envoy.yaml",
     for listener in config["static_resources"]["listeners"]:
         listener["address"]["socket_address"]["port_value"] = ports.listener
         listener["address"]["socket_address"]["address"] = "127.0.0.1"
-    by_cluster = {"extauthz": ports.extauthz, "app": ports.app}
+    by_cluster = {"extauthz": ports.extauthz, "extauthz_http": ports.http, "app": ports.app}
     for cluster in config["static_resources"]["clusters"]:
         port = by_cluster.get(cluster["name"])
         if port is None:

@@ -1,19 +1,19 @@
-"""The ext_authz adapter: Envoy's CheckRequest in, Envoy's CheckResponse out.
+"""The gRPC ext_authz adapter: Envoy's CheckRequest in, Envoy's CheckResponse out.
 
 Thin on purpose (like OPA-Envoy's): protobufs are turned into a plain
 :class:`HttpRequest` once, the decision core decides, and the :class:`Decision`
-is turned back into protobufs. Any exception here becomes a denial.
+is turned back into protobufs. Any exception here becomes a denial. The HTTP
+transport (:mod:`extauthz.server.http_authorization`) does the same with
+HTTP/1.1 messages; what both do around a Check is in :mod:`extauthz.server.checks`.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
-import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -21,13 +21,10 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.authorizer import Authorizer
-from extauthz.core.decision import Code, Decision
+from extauthz.core.decision import Decision
 from extauthz.core.request import HttpRequest
-from extauthz.observability import metrics
-from extauthz.observability.logging import log_decision
+from extauthz.server.checks import NO_REQUEST, failed, record
 from extauthz.server.headers import header_map
-
-log = structlog.get_logger("extauthz.authz")
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _GRPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 503: code_pb2.UNAVAILABLE}
@@ -36,15 +33,17 @@ _GRPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 50
 def to_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     http = check.attributes.request.http
     # Envoy sends header_map instead of headers when encode_raw_headers is on.
-    headers = dict(http.headers) if http.headers else header_map(http.header_map)
+    sent = http.headers
+    headers = {name: sent[name] for name in sent} if sent else header_map(http.header_map)
     path, _, query = http.path.partition("?")
+    context = check.attributes.context_extensions
     return HttpRequest(
         method=http.method.upper(),
         path=path,
         host=http.host or headers.get(":authority", ""),
         query_string=query,
         headers=headers,
-        context=dict(check.attributes.context_extensions),
+        context={name: context[name] for name in context} if context else {},
         request_id=headers.get("x-request-id", http.id),
     )
 
@@ -56,25 +55,34 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def _add_header(headers: Any, name: str, value: str) -> None:
+    # ext_authz reads `value`, not `raw_value`; OVERWRITE so a client copy is replaced.
+    option = headers.add()
+    option.header.key = name
+    option.header.value = value
+    option.append_action = OVERWRITE
+
+
 def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
-    decision_header = _header("x-extauthz-decision-id", decision.decision_id)
     if decision.allowed:
+        # Filled in place: building the same message from nested constructors cost twice as much per allow.
         m = decision.mutations
-        response = external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(k, v) for k, v in m.set_headers],
-                headers_to_remove=list(m.remove_headers),
-                query_parameters_to_remove=list(m.remove_query_params),
-                response_headers_to_add=[decision_header],
-            ),
-        )
+        response = external_auth_pb2.CheckResponse()
+        response.status.code = code_pb2.OK
+        ok = response.ok_response
+        for name, value in m.set_headers:
+            _add_header(ok.headers, name, value)
+        if m.remove_headers:
+            ok.headers_to_remove.extend(m.remove_headers)
+        if m.remove_query_params:
+            ok.query_parameters_to_remove.extend(m.remove_query_params)
+        _add_header(ok.response_headers_to_add, "x-extauthz-decision-id", decision.decision_id)
         if decision.metadata:
             metadata = struct_pb2.Struct()
             metadata.update(decision.metadata)
             response.dynamic_metadata.CopyFrom(metadata)
         return response
-    headers = [_header("content-type", "application/json"), decision_header]
+    headers = [_header("content-type", "application/json"), _header("x-extauthz-decision-id", decision.decision_id)]
     if decision.www_authenticate:
         headers.append(_header("www-authenticate", decision.www_authenticate))
     return external_auth_pb2.CheckResponse(
@@ -87,10 +95,6 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-def internal_error(reason: str) -> Decision:
-    return Decision(False, 500, Code.INTERNAL_ERROR, reason, str(uuid.uuid4()))
-
-
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """``envoy.service.auth.v3.Authorization``; the authorizer is looked up per call (hot reload)."""
 
@@ -101,20 +105,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
-        http = HttpRequest(method="", path="")
+        http = NO_REQUEST
         try:
             http = to_request(request)
             decision = await self._authorizer().check(http)
             response = to_response(decision)
-        except Exception as exc:
-            log.exception("check_failed", error=f"{type(exc).__name__}: {exc}")
-            decision = internal_error(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - logged by failed(): any error denies
+            decision = failed(exc)
             response = to_response(decision)
-        elapsed = time.perf_counter() - started
-        metrics.check_latency.observe(elapsed)
-        metrics.decisions.labels(
-            decision.proxy, "allow" if decision.allowed else "deny", decision.code,
-            str(decision.rule.index) if decision.rule else "default",
-        ).inc()
-        log_decision(decision, http, int(elapsed * 1_000_000))
+        record(decision, http, started)
         return response

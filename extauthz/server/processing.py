@@ -49,6 +49,7 @@ from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, ResponseHead, ResponsePlan, plan_response
 from extauthz.observability import metrics
 from extauthz.policy.model import Policy
+from extauthz.server.handoff_header import HANDOFF_HEADER, decode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
 
 log = structlog.get_logger("extauthz.extproc")
@@ -85,11 +86,20 @@ def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
 
 
 def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
-    """The Check phase's verified view of this exchange's request, if Envoy forwarded it."""
+    """The Check phase's verified view of this exchange's request, if Envoy forwarded it.
+
+    The gRPC transport writes the hand-off's fields into the namespace itself;
+    the HTTP transport writes one string, under its header's name, that holds
+    them (:mod:`extauthz.server.handoff_header`). Only the Check's answer
+    writes this namespace, so neither form can come from a client.
+    """
     namespaces = message.metadata_context.filter_metadata
     if METADATA_NAMESPACE not in namespaces:
         return None
     struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
+    if HANDOFF_HEADER in struct.fields:
+        fields = decode_handoff(struct.fields[HANDOFF_HEADER].string_value)
+        return Handoff.from_metadata(fields) if fields is not None else None
     return Handoff.from_metadata(json_format.MessageToDict(struct))
 
 

@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from extauthz.errors import ExtauthzError
 from extauthz.identity.jwks import parse_jwks  # the very parser the key sets use
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import LDict, LineLoader, LList, parse_policy
+from extauthz.policy.loader import parse_policy
 from extauthz.policy.model import Policy, thaw
+from extauthz.policy.source import LDict, LList, read_document
 from extauthz.server.tls import TlsError, read_material
 
 
@@ -122,11 +121,25 @@ def line_of(document: object, dotted: str) -> int:
     return line
 
 
+def parse_http_address(spec: str) -> ListenAddress:
+    """Loopback or a Unix socket only; raises ValueError.
+
+    An allow answer carries the upstream credential and the caller's identity
+    headers, and this listener has no TLS: only Envoy in the same pod may ask
+    (the gRPC listener is the one for TLS/mTLS across a network).
+    """
+    address = parse_address(spec)
+    if not address.is_loopback:
+        raise ValueError(f"the HTTP ext_authz listener has no TLS and binds to loopback only "
+                         f"(127.0.0.1, ::1, localhost or unix:), found {spec!r}")
+    return address
+
+
 def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     """Everything that would stop ``extauthz serve`` from running this policy."""
     try:
-        document: object = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
+        document: object = read_document(text.encode() if isinstance(text, str) else text, policy.source)
+    except PolicyError:
         document = None
     issues: list[Issue] = []
 
@@ -136,6 +149,7 @@ def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     server = policy.server
     checks: list[tuple[str, str, Callable[[str], ListenAddress]]] = [
         ("server.grpcAddress", server.grpc_address, parse_address),
+        ("server.httpAddress", server.http_address, parse_http_address),
         ("server.metricsAddress", server.metrics_address, lambda s: parse_address(s, unix=False)),
         ("server.adminAddress", server.admin_address, parse_admin_address),
     ]

@@ -5,6 +5,10 @@ One stack serves most cases: the sample policy (seed 003's filter on GET
 (orders of three users) or, for chunked and odd responses, from a small case
 server in this module that Envoy reaches through an extra route selected by a
 request header. Envoy's own buffer is its default (1 MiB).
+
+The stack runs on both ext_authz transports: the Check's hand-off reaches the
+response phase as dynamic metadata either way (a Struct over gRPC, one header's
+value over HTTP), so every journey must end the same, filtered bodies included.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import yaml
 
 from extauthz.demo.processes import free_port
 from extauthz.demo.upstream import ORDERS
-from tests.e2e.stack import Response, Stack, running_stack
+from tests.e2e.stack import TRANSPORTS, Response, Stack, TransportStacks, running_stack, transport_stacks
 
 pytestmark = pytest.mark.envoy
 
@@ -109,7 +113,7 @@ def add_route(config: dict[str, Any], header_value: str, cluster: str | None, po
     route["match"] = {"prefix": "/", "headers": [{"name": "x-upstream", "string_match": {"exact": header_value}}]}
     if cluster is not None:
         route["route"]["cluster"] = cluster
-    route["typed_per_filter_config"].update(per_route or {})
+    route.setdefault("typed_per_filter_config", {}).update(per_route or {})
     routes.insert(0, route)
     if cluster is not None and port is not None:
         clusters = config["static_resources"]["clusters"]
@@ -136,10 +140,16 @@ def cases() -> Iterator[CaseServer]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, cases: CaseServer) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("extproc"), POLICY, files={"upstream-api-key.txt": "k"},
-                       edit_envoy=lambda c: add_route(c, "cases", "cases", cases.port)) as running:
+def stacks(tmp_path_factory: pytest.TempPathFactory, cases: CaseServer) -> Iterator[TransportStacks]:
+    with transport_stacks(lambda transport: running_stack(
+            tmp_path_factory.mktemp(f"extproc-{transport}"), POLICY, files={"upstream-api-key.txt": "k"},
+            edit_envoy=lambda c: add_route(c, "cases", "cases", cases.port), transport=transport)) as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def stack(stacks: TransportStacks, request: pytest.FixtureRequest) -> Stack:
+    return stacks[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +220,42 @@ def test_head_does_not_tell_the_unfiltered_size(stack: Stack, token: Any) -> Non
 def test_envoy_local_replies_are_not_filtered(stack: Stack) -> None:
     r = stack.request("GET", "/v1/orders")
     assert r.status == 401 and r.json()["error"] == "token_missing"
+
+
+def test_a_client_cannot_hand_the_response_phase_an_identity(stack: Stack, token: Any) -> None:
+    """The hand-off comes from the Check's answer only: a client's copy of its header changes nothing."""
+    forged = stacks_handoff_for("user-456")
+    r = stack.request("GET", "/v1/orders", token("user-123"), headers={"x-extauthz-handoff": forged})
+    assert r.json() == USER_123_VIEW and "x-extauthz-handoff" not in r.headers
+    r = stack.request("GET", "/v1/products/1", token("user-123"), headers={"x-extauthz-handoff": forged})
+    assert r.status == 200 and "x-extauthz-handoff" not in r.headers
+    if stack.transport == "http":
+        # Neither the client's copy (removed at the edge) nor the Check's (kept for Envoy) goes upstream.
+        assert "x-extauthz-handoff" not in r.json()["headers"]  # the sample upstream echoes what it received
+
+
+def stacks_handoff_for(sub: str) -> str:
+    """A well-formed hand-off, in the HTTP transport's header form, naming another caller."""
+    from extauthz.core.handoff import Handoff
+    from extauthz.server.handoff_header import encode_handoff
+
+    return encode_handoff(Handoff("forged", "orders-api", "any", ("GET",), ("/v1/orders",), "localhost",
+                                  ({"callerSub": sub, "sub": sub},)).to_metadata())
+
+
+def test_both_transports_filter_to_the_same_bytes(stacks: TransportStacks, cases: CaseServer) -> None:
+    bodies = {}
+    for transport in TRANSPORTS:
+        stack = stacks[transport]
+        token = stack.idp.token(sub="user-123")
+        plain = stack.request("GET", "/v1/orders", token)
+        gzipped = get_case(stack, cases, token, 200, {"content-type": "application/json", "content-encoding": "gzip"},
+                           gzip.compress(orders_with_secret()))
+        empty = stack.request("GET", "/v1/orders", stack.idp.token(sub="user-999"))
+        bodies[transport] = [(r.status, r.headers.get("cache-control"), r.body) for r in (plain, gzipped, empty)]
+    assert bodies["http"] == bodies["grpc"]
+    assert bodies["grpc"][0][2] == json.dumps(USER_123_VIEW, separators=(",", ":")).encode() or \
+        json.loads(bodies["grpc"][0][2]) == USER_123_VIEW
 
 
 # --- encodings and framing ------------------------------------------------------------------

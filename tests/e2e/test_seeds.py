@@ -3,15 +3,20 @@
 Seed 003 (steps 3-5): an MCP proxy with deny-by-default, a sub requirement and a
 service-account block. Seed 000 (steps 2-4): permission claims and tenant
 isolation with a ``{{tenantId}}`` variable.
+
+Every journey runs on both ext_authz transports (gRPC, ``envoy/envoy.yaml``, and
+HTTP, ``envoy/envoy-http.yaml``) with the same expectations, and the decision
+table is also compared between them answer for answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.e2e.stack import Stack, running_stack
+from tests.e2e.stack import TRANSPORTS, Stack, TransportStacks, running_stack, transport_stacks
 
 UPSTREAM_SECRET = "internal-orders-key"
 
@@ -74,15 +79,22 @@ proxies:
 
 
 @pytest.fixture(scope="module")
-def seed003(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("seed003")
-    with running_stack(workdir, SEED_003, files={"target.key": UPSTREAM_SECRET + "\n"}) as stack:
-        yield stack
+def seed003_stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransportStacks]:
+    with transport_stacks(lambda transport: running_stack(
+            tmp_path_factory.mktemp(f"seed003-{transport}"), SEED_003,
+            files={"target.key": UPSTREAM_SECRET + "\n"}, transport=transport)) as stacks:
+        yield stacks
 
 
-@pytest.fixture(scope="module")
-def seed000(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("seed000"), SEED_000) as stack:
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def seed003(seed003_stacks: TransportStacks, request: pytest.FixtureRequest) -> Stack:
+    return seed003_stacks[request.param]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def seed000(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp(f"seed000-{request.param}"), SEED_000,
+                       transport=request.param) as stack:
         yield stack
 
 
@@ -170,6 +182,55 @@ def test_public_path_needs_no_token_but_identity_headers_stay_ours(seed003: Stac
     seen = seed003.last_upstream_request()
     assert seen["path"] == "/healthz" and "x-auth-sub" not in seen["headers"]
     assert seed003.request("POST", "/healthz").status == 401  # public for GET only
+
+
+# --- the same table on both transports --------------------------------------------
+
+# (method, target, token claims or None for no token, client headers)
+TABLE: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
+    ("GET", "/v1/orders", None, {}),
+    ("GET", "/v1/orders", {"sub": "user-1", "ttl": -300}, {}),
+    ("GET", "/v1/orders", {"sub": None}, {}),
+    ("GET", "/v1/users/42", {"sub": "svc-reporting"}, {}),
+    ("GET", "//v1//users/42", {"sub": "svc-reporting"}, {}),
+    ("GET", "/v1/users/42", {"sub": "user-42"}, {}),
+    ("GET", "/v1/products/9?page=2", {"sub": "user-123", "email": "u@example.com"},
+     {"x-auth-sub": "admin", "X-Auth-Email": "spoof@evil", "cookie": "theme=dark", "x-extauthz-unfiltered": "1"}),
+    ("GET", "/v1/products", {"sub": "user-1"}, {"x-auth-email": "spoof@evil", "range": "bytes=0-10"}),
+    ("HEAD", "/v1/products/1", {"sub": "user-1"}, {}),
+    ("POST", "/v1/products/9", {"sub": "user-1"}, {"x-http-method-override": "GET"}),
+    ("DELETE", "/v1/orders/1", {"sub": "user-123"}, {}),
+    ("TRACE", "/v1/orders", {"sub": "user-123"}, {}),
+    ("GET", "/v1/admin/settings", {"sub": "user-123"}, {}),
+    ("GET", "/healthz", None, {"x-auth-sub": "admin"}),
+    ("POST", "/healthz", None, {}),
+]
+# What differs between two stacks whatever the transport: the listener port, Envoy's request id.
+VARYING = {"host", "x-request-id"}
+
+
+def outcome(stack: Stack, method: str, target: str, claims: dict[str, Any] | None,
+            headers: dict[str, str]) -> dict[str, Any]:
+    """What the client and the upstream saw, without what differs between any two stacks."""
+    before = len(stack.upstream.requests)
+    r = stack.request(method, target, stack.idp.token(**claims) if claims is not None else None, headers)
+    seen = [{"method": x["method"], "path": x["path"],
+             "headers": {k: v for k, v in x["headers"].items() if k not in VARYING}}
+            for x in stack.upstream.requests[before:]]
+    denial = r.json() if r.status != 200 and r.body else None
+    if denial is not None:
+        assert denial.pop("decisionId") == r.headers["x-extauthz-decision-id"]
+    return {"status": r.status, "denial": denial, "upstream": seen,
+            "headers": {k: r.headers.get(k) for k in ("content-type", "www-authenticate")},
+            "decision id": "x-extauthz-decision-id" in r.headers}
+
+
+@pytest.mark.parametrize("row", range(len(TABLE)), ids=[f"{m} {t}" for m, t, _, _ in TABLE])
+def test_both_transports_decide_the_same(seed003_stacks: TransportStacks, row: int) -> None:
+    """Same status, same denial body and headers, byte for byte the same request upstream."""
+    grpc, http = (outcome(seed003_stacks[t], *TABLE[row]) for t in TRANSPORTS)
+    assert http == grpc
+    assert grpc["decision id"]
 
 
 # --- seed 000 ------------------------------------------------------------------

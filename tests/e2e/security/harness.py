@@ -21,7 +21,7 @@ import yaml
 
 from extauthz.demo.idp import SigningKey
 from tests.e2e.security.upstream import ORDERS, LenientUpstream
-from tests.e2e.stack import Stack, running_stack
+from tests.e2e.stack import Stack, Transport, running_stack
 
 REPO = Path(__file__).resolve().parents[3]
 Headers = list[tuple[str, str]]
@@ -165,10 +165,11 @@ def policy(*proxies: dict[str, Any], providers: list[dict[str, Any]] | None = No
 
 @contextmanager
 def lenient_stack(workdir: Path, text: str, edit_envoy: Callable[[dict[str, Any]], None] | None = None,
-                  files: dict[str, str] | None = None) -> Iterator[Stack]:
-    """The shipped Envoy config (ports rewritten, plus ``edit_envoy``) in front of the lenient upstream."""
+                  files: dict[str, str] | None = None, transport: Transport = "grpc") -> Iterator[Stack]:
+    """The shipped Envoy config of ``transport`` (ports rewritten, plus ``edit_envoy``) in front of the lenient
+    upstream."""
     with running_stack(workdir, text, edit_envoy=edit_envoy, files=files,
-                       upstream_factory=lambda port: LenientUpstream(port=port)) as stack:
+                       upstream_factory=lambda port: LenientUpstream(port=port), transport=transport) as stack:
         yield stack
 
 

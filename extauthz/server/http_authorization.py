@@ -1,0 +1,379 @@
+"""The HTTP ext_authz adapter: Envoy's HTTP check request in, an HTTP answer out.
+
+Envoy's ext_authz filter can ask an HTTP service instead of a gRPC one
+(``http_service``, shipped as ``envoy/envoy-http.yaml``). Python's gRPC server
+costs far more per call than a few hundred bytes of HTTP/1.1 parsed by hand, so
+this transport is the cheaper way to run the same decision core: the check
+request becomes the same plain :class:`~extauthz.core.request.HttpRequest` the
+gRPC adapter builds, :meth:`Authorizer.check` decides, and the
+:class:`~extauthz.core.decision.Decision` becomes an HTTP answer. Timing,
+counting and logging are shared with the gRPC adapter (:mod:`extauthz.server.checks`).
+
+What Envoy 1.40 sends (``ext_authz_http_impl.cc``, checked against the binary):
+the original method and path with its query string on the request line, the
+original ``:authority`` as ``host``, the headers ``allowed_headers`` lets
+through (all of them in the shipped config), ``content-length: 0`` in place of
+the original one, ``x-envoy-internal`` and ``x-envoy-expected-rq-timeout-ms``
+for its own hop, and the ``headers_to_add`` of the config. The shipped config
+adds, as :data:`CHECK_CONTEXT`, what the gRPC CheckRequest carries and HTTP
+cannot: the route's proxy (gRPC's per-route ``context_extensions``, here route
+metadata), the original ``:scheme`` and ``content-length``. Its value always
+starts with ``proxy=``, so Envoy writes it on every check and a client's copy
+is always replaced, even on a route that names no proxy.
+
+How an answer reads to Envoy:
+
+* ``200``: allow. Envoy copies the headers ``allowed_upstream_headers`` matches
+  onto the upstream request (the shipped config matches every name and its
+  ``decoder_header_mutation_rules`` refuse this answer's own headers), removes
+  the request headers listed in ``x-envoy-auth-headers-to-remove`` (after
+  setting, so a header is never both), copies :data:`DECISION_ID` to the client
+  (``allowed_client_headers_on_success``) and the hand-off header into dynamic
+  metadata (``dynamic_metadata_from_headers``) for the response phase.
+* ``4xx``: deny; Envoy answers the client with this status, the headers
+  ``allowed_client_headers`` names and this body: the same answer as over gRPC.
+* ``5xx``: Envoy treats it as an error of the auth service, not a denial, and
+  answers ``status_on_error`` (503) itself: a 500 or 503 decision reaches the
+  client as the config's 503 ``authorization_unavailable``, still never the
+  upstream.
+
+Envoy's HTTP client cannot remove query parameters. A token in the query string
+that gRPC would strip (docs/policy.md) therefore cannot be kept from the
+upstream here, so such a request is denied (:data:`Code.QUERY_TOKEN_REFUSED`, 400)
+rather than allowed with the token in its URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import cast
+
+import structlog
+
+from extauthz.core.authorizer import Authorizer
+from extauthz.core.decision import Code, Decision, new_decision_id
+from extauthz.core.request import HttpRequest
+from extauthz.server.checks import NO_REQUEST, failed, record
+from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
+from extauthz.server.http1 import (
+    MAX_HEAD_BYTES,
+    HeadError,
+    RequestHead,
+    clean_lines,
+    parse_head,
+    response,
+    safe_fields,
+)
+from extauthz.server.validation import parse_http_address
+
+log = structlog.get_logger("extauthz.http_authz")
+
+CHECK_CONTEXT = "x-extauthz-check"
+"""Set by Envoy's ``headers_to_add``: ``proxy=<route metadata extauthz.proxy>;scheme=<:scheme>;length=<length>``."""
+_CHECK_CONTEXT_VALUE = re.compile(r"proxy=([^;]*);scheme=([A-Za-z0-9+.\-]*);length=([0-9]*)")
+DECISION_ID = "x-extauthz-decision-id"
+REMOVE_HEADERS = "x-envoy-auth-headers-to-remove"
+"""Envoy's HTTP client reads the request headers to remove on allow from this answer header."""
+
+HEAD_TIMEOUT_SECONDS = 10.0
+"""How long a started but incomplete request head may take before the connection is refused."""
+
+# Headers Envoy's HTTP client writes for its own hop (the gRPC CheckRequest has none of them).
+_HOP_HEADERS = ("host", "content-length", "connection", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms")
+# This transport's own answer headers: a header of the policy by one of these names could forge them.
+_RESERVED = frozenset({"content-length", "content-type", "connection", "keep-alive", "transfer-encoding",
+                       DECISION_ID, HANDOFF_HEADER, REMOVE_HEADERS})
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+
+
+def to_request(head: RequestHead) -> HttpRequest:
+    """The check request as the decision core reads it, header for header as over gRPC.
+
+    Raises :class:`HeadError` when :data:`CHECK_CONTEXT` is not as the shipped
+    config writes it (a proxy name it cannot carry, say): a route's proxy is
+    never guessed.
+    """
+    headers = head.headers  # read once, so the hop's own headers are taken out in place
+    host = headers.get("host", "")
+    for name in _HOP_HEADERS:
+        headers.pop(name, None)
+    context = _NO_CONTEXT
+    check = headers.pop(CHECK_CONTEXT, None)
+    if check is not None:
+        parsed = _CHECK_CONTEXT_VALUE.fullmatch(check)
+        if parsed is None:
+            raise HeadError(f"{CHECK_CONTEXT} is not proxy=...;scheme=...;length=...")
+        proxy, scheme, length = parsed.groups()
+        if proxy:
+            context = {"proxy": proxy}
+        if scheme:
+            headers[":scheme"] = scheme
+        if length:
+            headers["content-length"] = length
+    headers[":authority"] = host
+    headers[":method"] = head.method
+    headers[":path"] = head.target
+    path, _, query = head.target.partition("?")
+    return HttpRequest(method=head.method.upper(), path=path, host=host, query_string=query, headers=headers,
+                       context=context, request_id=headers.get("x-request-id", ""))
+
+
+def refuse_query_removal(decision: Decision) -> Decision:
+    """An allow that needs a query parameter removed becomes a denial: this transport cannot remove it."""
+    if not decision.allowed or not decision.mutations.remove_query_params:
+        return decision
+    names = ", ".join(decision.mutations.remove_query_params)
+    return Decision(False, 400, Code.QUERY_TOKEN_REFUSED,
+                    f"allowed ({decision.reason}), but the query parameters {names} would have to be removed "
+                    "and the HTTP transport cannot remove query parameters", decision.decision_id,
+                    decision.proxy, decision.rule, decision.claims, policy=decision.policy)
+
+
+def to_response(decision: Decision, head_only: bool = False, close: bool = False) -> bytes:
+    """The answer Envoy's HTTP client turns into the same outcome as the gRPC CheckResponse.
+
+    Raises ValueError when a header cannot be written as is (a policy value
+    with a line break, a name this transport reserves): the caller denies.
+    """
+    if decision.allowed:
+        return _allow(decision, close)
+    # Never 200 (an allow) nor anything Envoy reads as other than a denial or an error.
+    status = decision.status if 400 <= decision.status <= 599 else 403
+    fields = [("content-type", "application/json"), (DECISION_ID, decision.decision_id)]
+    if decision.www_authenticate:
+        fields.append(("www-authenticate", decision.www_authenticate))
+    if not safe_fields([n for n, _ in fields], [v for _, v in fields]):
+        raise ValueError("a denial header cannot be written to an HTTP/1.1 answer as is")
+    return response(status, fields, decision.body(), head_only=head_only, close=close)
+
+
+def _allow(decision: Decision, close: bool) -> bytes:
+    """A 200 written in one pass (the hot path); every header checked before it is sent."""
+    m = decision.mutations
+    parts = ["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", DECISION_ID, ": ", decision.decision_id]
+    lines = 3
+    if decision.metadata:
+        parts += ("\r\n", HANDOFF_HEADER, ": ", encode_handoff(decision.metadata))
+        lines += 1
+    if m.remove_headers:
+        if not _removable(m.remove_headers):
+            raise ValueError(f"cannot ask Envoy to remove {m.remove_headers}")
+        parts += ("\r\n", REMOVE_HEADERS, ": ", ", ".join(m.remove_headers))
+        lines += 1
+    if m.set_headers:
+        if not _settable(tuple([name for name, _ in m.set_headers])):
+            raise ValueError(f"the HTTP transport cannot set the upstream headers {[n for n, _ in m.set_headers]}")
+        for name, value in m.set_headers:
+            parts += ("\r\n", name, ": ", value)
+        lines += len(m.set_headers)
+    if close:
+        parts.append("\r\nconnection: close")
+        lines += 1
+    parts.append("\r\n\r\n")
+    head = "".join(parts).encode()
+    # A value with a line break or another control character would split or corrupt the answer.
+    if head.count(b"\r\n") != lines + 1 or not clean_lines(head):
+        raise ValueError("an upstream header value cannot be written to an HTTP/1.1 answer as is")
+    return head
+
+
+@functools.lru_cache(maxsize=1024)
+def _settable(names: tuple[str, ...]) -> bool:
+    """Header names a policy sets: tokens, none of this transport's own (cached: they repeat per proxy)."""
+    return safe_fields(names, ()) and not _RESERVED.intersection(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _removable(names: tuple[str, ...]) -> bool:
+    return safe_fields(names, ())
+
+
+_REFUSED = response(400, [("content-type", "application/json")], close=True)
+"""The last resort when even a denial cannot be written (a bare 400, no allow)."""
+
+
+def refused(reason: str) -> Decision:
+    return Decision(False, 400, Code.BAD_REQUEST, f"malformed check request: {reason}", new_decision_id())
+
+
+class HttpAuthorizationServer:
+    """Envoy's ext_authz ``http_service`` on ``address``; the authorizer is looked up per request (hot reload)."""
+
+    def __init__(self, authorizer: Callable[[], Authorizer], address: str, reuse_port: bool = False) -> None:
+        self._authorizer = authorizer
+        self.address = address
+        self._reuse_port = reuse_port
+        """Workers (``serve --workers``) share the port; the kernel spreads connections over them."""
+        self._listen = parse_http_address(address)
+        self.port = self._listen.port
+        self.connections: set[_CheckConnection] = set()
+        self.stopping = False
+        """Set by :meth:`stop`: every answer from then on closes its connection."""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._listen.is_unix:
+            self._server = await loop.create_unix_server(lambda: _CheckConnection(self), self._listen.unix_path)
+        else:
+            self._server = await loop.create_server(lambda: _CheckConnection(self), self._listen.host,
+                                                    self._listen.port, reuse_address=True,
+                                                    reuse_port=self._reuse_port or None)
+            self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("http_authz_listening", address=self.address, port=self.port)
+
+    async def stop(self, grace: float) -> None:
+        """Accept no new connection, close idle ones, let checks in flight finish within ``grace``."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        deadline = time.monotonic() + grace
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
+
+    async def answer(self, head: RequestHead, started: float) -> tuple[bytes, bool]:
+        """Decide one check request (the same pipeline, metrics and log line as the gRPC Check).
+
+        Returns the answer and whether the connection closes after it: the peer
+        asked to, or the server began stopping while the check ran.
+        """
+        head_only = head.method == "HEAD"
+        request = NO_REQUEST
+        try:
+            request = to_request(head)
+            decision = refuse_query_removal(await self._authorizer().check(request))
+            close = head.close or self.stopping
+            payload = to_response(decision, head_only, close)
+        except HeadError as exc:
+            decision, close = refused(str(exc)), True
+            payload = to_response(decision, head_only, close)
+        except Exception as exc:  # noqa: BLE001 - logged by failed(): any error denies
+            decision = failed(exc)
+            close = head.close or self.stopping
+            payload = to_response(decision, head_only, close)
+        record(decision, request, started)
+        return payload, close
+
+
+class _CheckConnection(asyncio.Protocol):
+    """One connection from Envoy: one check at a time, in order (pipelined requests wait their turn)."""
+
+    def __init__(self, server: HttpAuthorizationServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buffer: bytes | bytearray = b""
+        """What has arrived and is not yet answered: usually one whole head, received in one piece."""
+        self._scanned = 0
+        """How much of the buffer holds no head end, so a head arriving in pieces is searched once."""
+        self.busy = False
+        self._paused = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._disarm()
+        self._buffer, self._scanned = b"", 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buffer:
+            self._buffer = data  # the common case: a whole head in one read, used without a copy
+        else:
+            if isinstance(self._buffer, bytes):
+                self._buffer = bytearray(self._buffer)
+            self._buffer += data
+        if not self.busy:
+            self._next()
+        elif len(self._buffer) > MAX_HEAD_BYTES and not self._paused and self._transport is not None:
+            self._paused = True  # a pipelining peer waits for the answer before sending more
+            self._transport.pause_reading()
+
+    def _next(self) -> None:
+        """Start on the next complete head in the buffer, if there is one."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n", self._scanned)
+        if end < 0:
+            self._scanned = max(0, len(buffer) - 3)
+            if len(buffer) > MAX_HEAD_BYTES:
+                self._refuse(f"request head over {MAX_HEAD_BYTES} bytes")
+            elif buffer and self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(
+                    HEAD_TIMEOUT_SECONDS, self._refuse, f"incomplete request head after {HEAD_TIMEOUT_SECONDS:g} s")
+            return
+        self._disarm()
+        started = time.perf_counter()
+        self._buffer, self._scanned = bytes(buffer[end + 4:]), 0
+        try:
+            head = parse_head(bytes(buffer[:end]))
+        except HeadError as exc:
+            self._refuse(str(exc), started)
+            return
+        self.busy = True
+        self._task = asyncio.get_running_loop().create_task(self._answer(head, started))
+
+    async def _answer(self, head: RequestHead, started: float) -> None:
+        try:
+            payload, close = await self._server.answer(head, started)
+        except BaseException:  # cancelled at shutdown: no answer, and no half-answered connection left open
+            if self._transport is not None:
+                self._transport.abort()
+            raise
+        self.busy = False
+        self._task = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(payload)
+        if close or self._server.stopping:
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._buffer:
+            self._next()
+
+    def _refuse(self, reason: str, started: float | None = None) -> None:
+        """A 400 denial for what is not a check request, then close: nothing after it is read."""
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        decision = refused(reason)
+        record(decision, NO_REQUEST, started if started is not None else time.perf_counter())
+        try:
+            payload = to_response(decision, close=True)
+        except ValueError:
+            payload = _REFUSED
+        self._buffer, self._scanned = b"", 0
+        transport.write(payload)
+        transport.close()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close_if_idle(self) -> None:
+        if not self.busy and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Past the shutdown grace: drop the connection and the check still running on it."""
+        if self._transport is not None:
+            self._transport.abort()
+        if self._task is not None:
+            self._task.cancel()
