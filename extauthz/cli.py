@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -60,8 +61,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure(args.log_format, args.log_level)
     try:
-        asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
-                          args.watch_interval))
+        if args.worker_of is None:
+            workers = _serve_workers(args)
+            if workers is not None:
+                return workers
+            asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
+                              args.watch_interval, http_authz_address=args.http_address))
+        else:
+            import structlog
+
+            from extauthz.server.workers import WorkerLink, line_atomic_stderr
+
+            line_atomic_stderr()
+            structlog.contextvars.bind_contextvars(worker=args.worker_of.index)
+            asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
+                              args.watch_interval, worker=WorkerLink(args.worker_of),
+                              http_authz_address=args.http_address))
     except PolicyError as exc:
         print(f"extauthz: policy rejected:\n{exc}", file=sys.stderr)
         return _policy_exit(exc)
@@ -71,6 +86,57 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"extauthz: cannot serve: {exc}", file=sys.stderr)
         return Exit.FILE
+    return Exit.OK
+
+
+def _serve_workers(args: argparse.Namespace) -> int | None:
+    """With more than one worker, run the supervisor and return its exit code; None: serve in this process.
+
+    The policy is loaded here only when it decides (no ``--workers``), or for the
+    supervisor, which checks it before any worker starts.
+    """
+    from extauthz.server.validation import load_for_serving
+    from extauthz.server.workers import SupervisorSettings, line_atomic_stderr, resolve_workers, supervise
+
+    policy = None
+    if args.workers is None:
+        policy = load_for_serving(args.config)
+        setting = getattr(policy.server, "workers", 1)
+    else:
+        setting = args.workers
+    try:
+        count = resolve_workers(setting)
+    except ValueError as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return Exit.USAGE
+    if count == 1:
+        return None
+    policy = policy or load_for_serving(args.config)
+    line_atomic_stderr()
+    server = policy.server
+    settings = SupervisorSettings(
+        config=Path(args.config), grpc_address=args.grpc_address or server.grpc_address,
+        metrics_address=args.metrics_address if args.metrics_address is not None else server.metrics_address,
+        admin_address=args.admin_address if args.admin_address is not None else server.admin_address,
+        http_address=args.http_address if args.http_address is not None else getattr(server, "http_address", ""),
+        watch_interval=args.watch_interval, log_format=args.log_format, log_level=args.log_level,
+    )
+    return supervise(policy, settings, count)
+
+
+def _worker_of(value: str) -> Any:
+    from extauthz.server.workers import WorkerOf
+
+    try:
+        return WorkerOf.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from extauthz.policy.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return Exit.OK
 
 
@@ -217,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="policy file (YAML or JSON)")
     serve.add_argument("--grpc-address",
                        help="HOST:PORT or unix:/PATH to listen on (overrides server.grpcAddress)")
+    serve.add_argument("--http-address",
+                       help="HOST:PORT or unix:/PATH to also serve ext_authz over HTTP/1.1 (Envoy's http_service, "
+                            "envoy/envoy-http.yaml; overrides server.httpAddress)")
     serve.add_argument("--metrics-address",
                        help="HOST:PORT for /metrics, /healthz, /readyz (overrides server.metricsAddress)")
     serve.add_argument("--admin-address",
@@ -224,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "--admin` (overrides server.adminAddress; off by default)")
     serve.add_argument("--watch-interval", type=float, default=1.0, metavar="SECONDS",
                        help="how often to look for a new policy file (default 1; 0 turns hot reload off)")
+    # Checked when serving, so a bad value is one line and exit 2 wherever it came from.
+    serve.add_argument("--workers", metavar="N|auto", default=os.environ.get("EXTAUTHZ_WORKERS") or None,
+                       help="worker processes sharing the gRPC port, one per core; auto: the CPUs this process "
+                            "may use (cgroup CPU limit, CPU affinity) (default: $EXTAUTHZ_WORKERS, else the "
+                            "policy's server.workers, else 1)")
+    serve.add_argument("--worker-of", type=_worker_of, help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--log-format", choices=["json", "console"], default="json")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
@@ -236,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("files", nargs="+", metavar="POLICY", help="policy files (YAML or JSON)")
     validate.set_defaults(func=_validate)
+
+    schema = commands.add_parser(
+        "schema", help="print the policy file's JSON Schema (for editors)",
+        description="Print the JSON Schema (draft 2020-12) of policy files, generated from the declared policy "
+                    "model: editors use it to check and complete policy files (docs/policy.md, Editor support). "
+                    "It checks the shape; `extauthz validate` checks everything.",
+    )
+    schema.set_defaults(func=_schema)
 
     explain = commands.add_parser(
         "explain", help="show how a policy decides one request, rule by rule",

@@ -1,4 +1,11 @@
-"""Prometheus metrics, named ``extauthz_*``; labels stay low-cardinality (no paths, no subs)."""
+"""Prometheus metrics, named ``extauthz_*``; labels stay low-cardinality (no paths, no subs).
+
+With ``serve --workers N`` every worker writes its values to files in the
+supervisor's ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
+mode) and the supervisor serves their sum; each gauge says how its workers'
+values combine (``multiprocess_mode``), and gauges read at scrape time from the
+runtime (readiness, key ages) are the supervisor's own.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,22 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class _ReplacedGauge(Gauge):
+    """A gauge whose ``clear()`` zeroes what it drops first.
+
+    In multiprocess mode a dropped child's last value stays in the worker's
+    file: a replaced policy digest would still read 1 (the supervisor leaves
+    the zeroes out, as a single process leaves the dropped child out).
+    """
+
+    def clear(self) -> None:
+        for family in self.collect():
+            for sample in family.samples:
+                self.labels(**sample.labels).set(0)
+        super().clear()
+
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -26,9 +49,9 @@ jwks_fetches = Counter(
 token_cache = Counter(
     "extauthz_token_cache_lookups", "Verified-token cache lookups.", ["result"], registry=REGISTRY
 )
-policy_info = Gauge(
+policy_info = _ReplacedGauge(
     "extauthz_policy_info", "The loaded policy (value 1), labelled with its hash.", ["digest"],
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livemax",  # workers: 1 for every digest some live worker serves
 )
 
 
@@ -62,7 +85,7 @@ relationship_cache = Counter(
 policy_rejected = Gauge(
     "extauthz_policy_file_rejected",
     "1 while the policy file on disk was rejected and an older policy keeps serving; alert on it.",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livemax",  # workers: 1 when any live worker rejected it
 )
 
 
@@ -99,7 +122,7 @@ REGISTRY.register(live_state)
 tls_not_after = Gauge(
     "extauthz_tls_certificate_expiry_timestamp_seconds",
     "Expiry (Unix time) of the gRPC listener's serving certificate; alert well before it.",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livemin",  # workers: the soonest expiry any live worker serves
 )
 tls_reloads = Counter(
     "extauthz_tls_reloads", "Listener certificate rotations picked up from disk.", ["result"], registry=REGISTRY

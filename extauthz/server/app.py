@@ -1,7 +1,8 @@
 """Assemble and run the gRPC server: ext_authz, gRPC health, graceful drain on SIGTERM.
 
 Around it: the policy watcher (hot reload), the metrics/health HTTP port, the
-optional TLS/mTLS listener credentials and the optional loopback admin service.
+optional TLS/mTLS listener credentials, the optional loopback admin service and
+the optional HTTP/1.1 ext_authz listener (docs/transports.md).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from grpc_health.v1._async import HealthServicer
 from extauthz.observability import metrics
 from extauthz.observability.http import ObservabilityServer
 from extauthz.server.authorization import AuthorizationServicer
+from extauthz.server.http_authorization import HttpAuthorizationServer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
 from extauthz.server.runtime import RuntimeHolder
 from extauthz.server.tls import CertificateReloader, server_credentials
-from extauthz.server.validation import parse_address, parse_admin_address, probe_listen
+from extauthz.server.validation import parse_address, parse_admin_address, parse_http_address, probe_listen
+from extauthz.server.workers import WorkerLink
 
 log = structlog.get_logger("extauthz.server")
 
@@ -35,12 +38,16 @@ SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.Ex
 
 
 class Server:
-    def __init__(self, sidecar: RuntimeHolder, address: str, admin_address: str = "") -> None:
+    def __init__(self, sidecar: RuntimeHolder, address: str, admin_address: str = "",
+                 reuse_port: bool = False, http_address: str = "") -> None:
         self.sidecar = sidecar
         self.address = address
-        probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
+        # One process owns its port, so a second sidecar on it fails clearly; workers (serve --workers)
+        # share it through SO_REUSEPORT, and their supervisor probed it before starting them.
+        if not reuse_port:
+            probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
         self.grpc = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
+            options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 8 << 20)]
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(sidecar.authorizer), self.grpc
@@ -71,10 +78,19 @@ class Server:
             if self.admin.add_insecure_port(admin_address) == 0:
                 raise OSError(f"cannot listen on {admin_address} (admin)")
         self.admin_address = admin_address
+        # ext_authz over HTTP/1.1 (envoy/envoy-http.yaml), beside gRPC on the same loop; ext_proc stays on gRPC.
+        self.http: HttpAuthorizationServer | None = None
+        if http_address:
+            parse_http_address(http_address)
+            if not reuse_port:
+                probe_listen(http_address, "HTTP ext_authz, server.httpAddress")
+            self.http = HttpAuthorizationServer(sidecar.authorizer, http_address, reuse_port=reuse_port)
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.admin is not None:
             await self.admin.start()
             log.info("admin_listening", address=self.admin_address)
@@ -110,7 +126,10 @@ class Server:
         await self.not_ready()
         if self.admin is not None:
             await self.admin.stop(0)
-        await self.grpc.stop(grace)
+        if self.http is not None:
+            await asyncio.gather(self.grpc.stop(grace), self.http.stop(grace))
+        else:
+            await self.grpc.stop(grace)
         await self.sidecar.close()
 
 
@@ -120,6 +139,8 @@ async def serve(
     metrics_address: str | None = None,
     admin_address: str | None = None,
     watch_interval: float = DEFAULT_INTERVAL_SECONDS,
+    worker: WorkerLink | None = None,
+    http_authz_address: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; command-line addresses override the policy's ``server`` block.
 
@@ -130,14 +151,20 @@ async def serve(
     new stream), then lets what is in flight finish and exits. SIGINT (Ctrl-C)
     skips the wait. SIGHUP reloads the policy at once (outside Kubernetes, after
     an edit); the watcher does the same by itself within ``watch_interval`` (0
-    turns it off).
+    turns it off). As one of several workers (``worker``), the port is shared and
+    readiness goes to the supervisor instead of an HTTP port of its own.
+    ``http_authz_address`` (else ``server.httpAddress``) also serves ext_authz
+    over HTTP/1.1, drained the same way.
     """
     sidecar = await RuntimeHolder.start(config)
     settings = sidecar.runtime.policy.server
     http_address = metrics_address if metrics_address is not None else settings.metrics_address
     try:
         server = Server(sidecar, address or settings.grpc_address,
-                        admin_address if admin_address is not None else settings.admin_address)
+                        admin_address if admin_address is not None else settings.admin_address,
+                        reuse_port=worker is not None,
+                        http_address=http_authz_address if http_authz_address is not None
+                        else getattr(settings, "http_address", ""))
         http: ObservabilityServer | None = None
         metrics.live_state.source = lambda: (sidecar.runtime.ready, sidecar.runtime.key_ages())
         if http_address:
@@ -165,6 +192,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     # The sidecar holds the reload task; closing it cancels a reload still in progress.
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload_soon)
+    if worker is not None:  # once the signal handlers are in place: the supervisor forwards signals then
+        await worker.start(sidecar.readiness, stop.is_set, on_sigterm)
     await stop.wait()
     drain_seconds = sidecar.runtime.policy.server.drain_seconds if drain.is_set() else 0.0
     log.info("draining", drain_seconds=drain_seconds, signal="SIGTERM" if drain.is_set() else "SIGINT")
@@ -176,6 +205,8 @@ async def serve(
     if drain_seconds:
         await asyncio.sleep(drain_seconds)  # still answering: Envoy may send until it drains too
     await server.stop(_IN_FLIGHT_GRACE_SECONDS)
+    if worker is not None:
+        await worker.close()
     log.info("stopped")
     if http is not None:
         await http.stop()
