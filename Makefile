@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-micro bench-soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,20 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 test: $(VENV)/.installed lint
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@(command -v redis-server && command -v wrk) >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server wrk)
 	$(BIN)/pytest -q -n auto
 
+# make bench ARGS="--smoke" | ARGS="--duration 30 --only jwt_rbac,shipped_filtered_10k" (docs/benchmarks.md)
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench.check_latency
-	$(BIN)/python -m bench.filter_engine
-	$(BIN)/python -m bench.relationships
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.compare $(ARGS)
+
+bench-micro: $(VENV)/.installed
+	$(BIN)/python -m bench.micro $(ARGS)
+
+bench-soak: $(VENV)/.installed
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

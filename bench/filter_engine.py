@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from bench.workloads import orders_document
 from extauthz.filtering.engine import bind
 from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import Action, ResponsePlan
@@ -31,24 +32,6 @@ DENYLIST: dict[str, Any] = {
     "defaultFilterOperation": "retain",
     "operations": [{"effect": "destroy", "jsonPath": {"pattern": "^orders\\.(internalRef|audit)$"}}],
 }
-
-
-def orders_document(target_bytes: int) -> dict[str, Any]:
-    """Orders of 10 users, ~320 bytes each, until the JSON is about ``target_bytes`` long."""
-    orders: list[dict[str, Any]] = []
-    document: dict[str, Any] = {"orders": orders, "page": 1, "next": None}
-    size = 0
-    i = 0
-    while size < target_bytes:
-        order = {
-            "orderId": f"o-{i}", "userId": f"user-{i % 10}", "amount": i * 3 % 997, "status": "paid",
-            "internalRef": f"x-{i}", "audit": {"by": "ops", "at": "2026-01-01T00:00:00Z", "version": i % 7},
-            "items": [{"sku": f"s-{i}-{j}", "qty": j, "price": 1.5 * j} for j in range(2)],
-        }
-        orders.append(order)
-        size += len(orjson.dumps(order)) + 1
-        i += 1
-    return document
 
 
 def median_ms(work: Callable[[], object], repeat: int) -> float:

@@ -126,16 +126,16 @@ TUPLES = [["user:bob", "member", "workspace:eng"], ["workspace:eng", "workspace"
 class FgaProcess:
     """The local OpenFGA server in its own process, so its CPU is not the client's."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tuples: list[list[str]] | None = None) -> None:
         self.port = free_port()
         self.store_id, self.model_id = new_ulid(), new_ulid()
         model = workdir / "model.json"
         model.write_text(json.dumps(transform_model(JOURNEYS_MODEL)))
-        tuples = workdir / "tuples.json"
-        tuples.write_text(json.dumps(TUPLES))
+        tuples_file = workdir / "tuples.json"
+        tuples_file.write_text(json.dumps(TUPLES if tuples is None else tuples))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.openfga_server", "--port", str(self.port), "--store-id", self.store_id,
-             "--model-id", self.model_id, "--model-json", str(model), "--tuples", str(tuples)],
+             "--model-id", self.model_id, "--model-json", str(model), "--tuples", str(tuples_file)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port, 30, self.process)
@@ -218,8 +218,8 @@ def measure_envoy(fga: FgaProcess, requests: int) -> dict[str, Any]:
                 running_stack(Path(workdir), yaml.safe_dump(document, sort_keys=False),
                               sidecar_args=["--log-level", "warning"]) as stack:
             base, scenario = _interleaved(stack.ports.listener, stack.idp.token(sub="bob"), requests)
-        b, r = _percentiles(base), _percentiles(scenario)
-        r["baseline"] = b
+        b = _percentiles(base)
+        r: dict[str, Any] = {**_percentiles(scenario), "baseline": b}
         r["added_ms"] = {k.removesuffix("_ms"): r[k] - b[k] for k in ("p50_ms", "p90_ms", "p99_ms")}
         results[label] = r
     return results
