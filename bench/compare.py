@@ -76,6 +76,7 @@ FGA_TUPLES = [[f"user:{CALLER}", "member", "workspace:eng"], ["workspace:eng", "
 
 MEANINGS = {
     "floor": "trivial grpc.aio ext_authz server (answers OK + one header, reads nothing), shipped ext_authz settings",
+    "floor_uvloop": "the same trivial server on uvloop, the loop extauthz serves on: the floor on equal footing",
     "envoy": "Envoy alone: the shipped listener and route, no ext_authz, no ext_proc",
     "envoy_sample_api": "Envoy alone in front of the demo's SampleApi (http.server): shows whether it caps throughput",
     "jwt_rbac": "Envoy's C++ peer: jwt_authn (local JWKS, same issuer/audience) + RBAC (GET /v1/products*, sub user-*)",
@@ -85,7 +86,7 @@ MEANINGS = {
     "relationship_cached": "shipped envoy.yaml, a rule with an OpenFGA condition, answer in the in-process cache",
     "http_transport": "extauthz serve --http-address behind envoy/envoy-http.yaml (ext_authz over HTTP)",
 }
-ORDER = ["floor", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "shipped_unfiltered",
+ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "shipped_unfiltered",
          "shipped_filtered_10k", "relationship_cached", "http_transport"]
 
 
@@ -293,11 +294,12 @@ def scenario_jwt_rbac(shared: Shared) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def scenario_floor(shared: Shared) -> Iterator[Target]:
-    with started("bench.floor_authz", log=shared.workdir / "floor.log") as floor:
+def scenario_floor(shared: Shared, *flags: str) -> Iterator[Target]:
+    name = "floor_uvloop" if flags else "floor"
+    with started("bench.floor_authz", *flags, log=shared.workdir / f"{name}.log") as floor:
         ports = Ports.free()
         ports.extauthz = floor.port
-        envoy, port = _envoy(shared, ENVOY_DIR / "envoy.yaml", without_ext_proc, "floor", ports)
+        envoy, port = _envoy(shared, ENVOY_DIR / "envoy.yaml", without_ext_proc, name, ports)
         envoy.start()
         try:
             target = Target(envoy, port, "/v1/products/1", sidecar=floor.pid,
@@ -386,8 +388,13 @@ def scenario_http_transport(shared: Shared) -> Iterator[Target]:
         yield target
 
 
+def scenario_floor_uvloop(shared: Shared) -> contextlib.AbstractContextManager[Target]:
+    return scenario_floor(shared, "--uvloop")
+
+
 SCENARIOS: dict[str, Callable[[Shared], contextlib.AbstractContextManager[Target]]] = {
     "floor": scenario_floor,
+    "floor_uvloop": scenario_floor_uvloop,
     "envoy": scenario_envoy,
     "envoy_sample_api": scenario_envoy_sample_api,
     "jwt_rbac": scenario_jwt_rbac,

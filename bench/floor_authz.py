@@ -4,7 +4,10 @@ It answers every Check OK with one header and never reads the request, so what
 it costs is grpc.aio and protobuf, not any decision. extauthz behind the same
 Envoy settings can only be slower; the ratio says by how much.
 
-    python -m bench.floor_authz --port 19001
+    python -m bench.floor_authz --port 19001 [--uvloop]
+
+``--uvloop`` runs the same server on uvloop, the loop ``extauthz serve`` uses:
+the floor of what any Python ext_authz server on that loop can cost.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--uvloop", action="store_true", help="serve on uvloop (as extauthz serve does)")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(serve(args.port))
+    else:
+        asyncio.run(serve(args.port))
 
 
 if __name__ == "__main__":

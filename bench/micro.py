@@ -39,7 +39,7 @@ from extauthz.core.authorizer import Authorizer
 from extauthz.core.claims import Claims
 from extauthz.core.decision import Decision
 from extauthz.core.request import HttpRequest
-from extauthz.core.rules import NoRelationships, Verdict, evaluate
+from extauthz.core.rules import NoRelationships, Verdict, compile_rules, evaluate
 from extauthz.demo.idp import SigningKey
 from extauthz.filtering.engine import bind
 from extauthz.filtering.pipeline import filter_body
@@ -68,6 +68,7 @@ class Workload:
         self.orders = HttpRequest.from_target("GET", "/v1/orders", headers=headers, context=context)
         self.verified = Claims.of(self.claims, "idp")
         self.proxy = self.policy.proxies[0]
+        self.compiled = compile_rules(self.proxy)  # as the Authorizer does once per policy
         self.no_relationships = NoRelationships()
         document = orders_document(ORDERS_BYTES)
         self.document = document
@@ -96,7 +97,7 @@ class Workload:
         return await self.authorizer.check(self.orders)
 
     async def rules(self) -> Verdict:
-        return await evaluate(self.proxy, self.products, self.verified, self.no_relationships, False)
+        return await evaluate(self.proxy, self.products, self.verified, self.no_relationships, False, self.compiled)
 
     def filter_engine(self) -> object:
         return bind(self.filter, {"callerSub": CALLER}).apply(self.document)

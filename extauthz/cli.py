@@ -14,10 +14,13 @@ import os
 import sys
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extauthz import __version__
 from extauthz.policy.errors import PolicyError
+
+if TYPE_CHECKING:
+    from extauthz.policy.model import Policy
 
 EXAMPLE_POLICY = Path(__file__).parent / "examples" / "policy.yaml"
 
@@ -57,16 +60,17 @@ def _policy_exit(exc: PolicyError) -> Exit:
 def _serve(args: argparse.Namespace) -> int:
     from extauthz.observability.logging import configure
     from extauthz.server.app import serve
+    from extauthz.server.loop import run as run_loop
     from extauthz.server.validation import ListenError
 
     configure(args.log_format, args.log_level)
     try:
         if args.worker_of is None:
             workers = _serve_workers(args)
-            if workers is not None:
+            if isinstance(workers, int):
                 return workers
-            asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
-                              args.watch_interval, http_authz_address=args.http_address))
+            run_loop(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
+                           args.watch_interval, http_authz_address=args.http_address, policy=workers))
         else:
             import structlog
 
@@ -74,9 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
 
             line_atomic_stderr()
             structlog.contextvars.bind_contextvars(worker=args.worker_of.index)
-            asyncio.run(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
-                              args.watch_interval, worker=WorkerLink(args.worker_of),
-                              http_authz_address=args.http_address))
+            run_loop(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
+                           args.watch_interval, worker=WorkerLink(args.worker_of),
+                           http_authz_address=args.http_address))
     except PolicyError as exc:
         print(f"extauthz: policy rejected:\n{exc}", file=sys.stderr)
         return _policy_exit(exc)
@@ -89,29 +93,35 @@ def _serve(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _serve_workers(args: argparse.Namespace) -> int | None:
-    """With more than one worker, run the supervisor and return its exit code; None: serve in this process.
+def _serve_workers(args: argparse.Namespace) -> int | Policy | None:
+    """With more than one worker, run the supervisor and return its exit code; else serve in this process.
 
     The policy is loaded here only when it decides (no ``--workers``), or for the
-    supervisor, which checks it before any worker starts.
+    supervisor, which checks it before any worker starts. Serving in this
+    process, the policy loaded here (or None) is returned for the server to
+    start with: loading it twice would run its checks twice (the watcher still
+    picks up a file changed since).
     """
     from extauthz.server.validation import load_for_serving
-    from extauthz.server.workers import SupervisorSettings, line_atomic_stderr, resolve_workers, supervise
 
     policy = None
     if args.workers is None:
-        policy = load_for_serving(args.config)
+        policy = load_for_serving(args.config, shape_in_child=True)
         setting = getattr(policy.server, "workers", 1)
+        if setting is None or (type(setting) is int and setting == 1):
+            return policy  # the usual case: one process, which need not hold the supervisor's code (~1 MB)
     else:
         setting = args.workers
+    from extauthz.server.workers import SupervisorSettings, line_atomic_stderr, resolve_workers, supervise
+
     try:
         count = resolve_workers(setting)
     except ValueError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return Exit.USAGE
     if count == 1:
-        return None
-    policy = policy or load_for_serving(args.config)
+        return policy
+    policy = policy or load_for_serving(args.config, shape_in_child=True)
     line_atomic_stderr()
     server = policy.server
     settings = SupervisorSettings(

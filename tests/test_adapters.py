@@ -17,14 +17,15 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from extauthz.core.decision import Code, Decision, Mutations
 from extauthz.core.handoff import Handoff
 from extauthz.policy.loader import parse_policy
 from extauthz.server.authorization import OVERWRITE, to_request, to_response
+from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
-from extauthz.server.processing import ExternalProcessorServicer
+from extauthz.server.processing import ExternalProcessorServicer, to_handoff
 
 Http = attribute_context_pb2.AttributeContext.HttpRequest
 
@@ -76,8 +77,10 @@ def test_an_allow_becomes_overwriting_header_mutations_and_the_handoff() -> None
     assert list(ok.headers_to_remove) == ["authorization"]
     assert list(ok.query_parameters_to_remove) == ["access_token"]
     assert ok.response_headers_to_add[0].header.key == "x-extauthz-decision-id"
-    # What Envoy forwards to ext_proc reads back as the same hand-off.
-    assert Handoff.from_metadata(json_format.MessageToDict(response.dynamic_metadata)) == handoff
+    # What Envoy forwards to ext_proc (metadata_options) reads back as the same hand-off.
+    forwarded = pb.ProcessingRequest()
+    forwarded.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(response.dynamic_metadata)
+    assert to_handoff(forwarded) == handoff
 
 
 def test_a_denial_is_a_status_with_a_json_body_and_its_challenge() -> None:
@@ -113,8 +116,8 @@ FILTERED = b'{"orders":[{"id":1}]}'
 def headers_message(status: int, headers: dict[str, str], method: str = "GET",
                     end_of_stream: bool = False) -> pb.ProcessingRequest:
     handoff = Handoff("d-1", "api", POLICY.digest, (method,), ("/v1/orders",), "api", ({},))
-    metadata = struct_pb2.Struct()
-    metadata.update(handoff.to_metadata())
+    metadata = struct_pb2.Struct()  # as the gRPC Check writes it
+    metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(handoff.to_metadata())
     message = pb.ProcessingRequest(response_headers=pb.HttpHeaders(
         headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
                                             for k, v in {":status": str(status), **headers}.items()]),

@@ -101,13 +101,23 @@ def test_allow_mutations() -> None:
 def test_the_handoff_carries_the_request_view_filters_need_never_the_claims() -> None:
     policy = POLICY.replace("    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]",
                             "    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]\n"
-                            "    filters: [{path: {pattern: \"^/reports\"}, defaultFilterOperation: retain}]", 1)
+                            "    filters: [{path: {pattern: \"^/orders/reports\"}, defaultFilterOperation: retain}]", 1)
     assert policy != POLICY
-    d = check("GET", "/orders", bearer(sub="u-1"), {"proxy": "orders"}, policy=policy)
-    assert d.metadata["proxy"] == "orders" and d.metadata["paths"] == ["/orders"]
+    d = check("GET", "/orders/reports", bearer(sub="u-1"), {"proxy": "orders"}, policy=policy)
+    assert d.metadata["proxy"] == "orders" and d.metadata["paths"] == ["/orders/reports"]
     assert d.metadata["decisionId"] == d.decision_id
     assert "claims" not in d.metadata  # the response phase gets resolved values, never the claim set
-    assert "x-extauthz-unfiltered" in dict(d.mutations.set_headers)  # /orders is outside the filter's scope
+    assert "x-extauthz-unfiltered" in d.mutations.remove_headers  # a filter applies: Envoy runs ext_proc
+
+
+def test_no_handoff_where_no_filter_applies() -> None:
+    """The response phase is skipped for such requests (the marker), so nothing is handed to it."""
+    policy = POLICY.replace("    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]",
+                            "    rules: [{effect: allow, path: {path: {pattern: \"^/orders\"}}}]\n"
+                            "    filters: [{path: {pattern: \"^/orders/reports\"}, defaultFilterOperation: retain}]", 1)
+    d = check("GET", "/orders", bearer(sub="u-1"), {"proxy": "orders"}, policy=policy)
+    assert d.allowed and d.metadata == {}
+    assert dict(d.mutations.set_headers)["x-extauthz-unfiltered"] == "1"
 
 
 def test_identity_header_with_unsafe_value_is_removed_not_forwarded() -> None:

@@ -271,3 +271,27 @@ def test_a_variable_full_of_regex_metacharacters_matches_only_itself(sub: str, o
     rows = [{"orderId": i, "userId": user, "secret": True} for i, user in enumerate(candidates)]
     out = bind(load_filter(SEED_FILTER), {"callerSub": sub}).apply({"orders": rows})
     assert out == {"orders": [{"orderId": r["orderId"], "userId": sub} for r in rows if r["userId"] == sub]}
+
+
+# Row elements whose fields nest, repeat in arrays, and hide behind "" keys: the shapes where a row test that
+# looks a plain key up could disagree with one that scans the whole row.
+ROW_KEYS = ("id", "", "owner", "id.x", "x")
+row_elements = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.sampled_from(ROW_KEYS), children, max_size=4)),
+    max_leaves=12,
+)
+
+
+@given(st.lists(row_elements, min_size=1, max_size=5), st.sampled_from(["destroy", "retain"]),
+       st.sampled_from(["retain", "destroy"]), st.sampled_from((*VALUES, "1", "true")),
+       st.sampled_from([("^id$", "^[i]d$"), ("^(id|owner)$", "^(i[d]|owner)$")]))
+def test_a_row_test_on_plain_keys_decides_as_the_same_pattern_written_as_a_regex(
+    array: list[Any], default: str, effect: str, value: str, fields: tuple[str, str],
+) -> None:
+    """``^id$`` is matched by key lookups, ``^[i]d$`` (the same language) by scanning the row: same rows kept."""
+    literal, regex = fields
+    outputs = [run(default, [Op(effect, "^rows$", field, f"^{re.escape(value)}$")], {"rows": array}, "me")
+               for field in (literal, regex)]
+    assert outputs[0] == outputs[1]

@@ -287,7 +287,7 @@ def test_an_allow_that_needs_a_query_parameter_removed_is_denied() -> None:
     assert refuse_query_removal(ALLOW) is ALLOW
 
 
-# --- the hand-off reaches the response phase in either form -------------------------------------
+# --- the hand-off reaches the response phase in one form from either transport ---------------------
 
 
 def processing_request(fields: dict[str, Any]) -> pb.ProcessingRequest:
@@ -302,7 +302,14 @@ def test_the_response_phase_reads_the_handoff_from_the_http_transports_header() 
     # As Envoy writes it: the header's value as a string, beside the filter's own duration.
     message = processing_request({HANDOFF_HEADER: encode_handoff(HANDOFF.to_metadata()), "ext_authz_duration": 1})
     assert to_handoff(message) == HANDOFF
-    assert to_handoff(processing_request(HANDOFF.to_metadata())) == HANDOFF  # the gRPC transport's form
+    # The gRPC transport writes the same string into the Check's dynamic metadata.
+    allow = Decision(True, 200, Code.ALLOWED, "rule #0", "d-1", "orders", metadata=HANDOFF.to_metadata())
+    forwarded = pb.ProcessingRequest()
+    forwarded.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(
+        grpc_adapter.to_response(allow).dynamic_metadata)
+    assert to_handoff(forwarded) == HANDOFF
+    # The hand-off's fields as a Struct of their own are no hand-off: only the one string is read.
+    assert to_handoff(processing_request(HANDOFF.to_metadata())) is None
 
 
 @pytest.mark.parametrize("value", ["", "not base64!", encode_handoff({"v": "2"}), 7, "W10"])
@@ -339,6 +346,31 @@ def test_requests_on_one_connection_are_answered_in_order_and_counted() -> None:
         assert decisions("allow", "allowed") - before == 2
 
     serve(scenario)
+
+
+def test_a_check_that_waits_keeps_its_place_and_the_ones_behind_it_theirs() -> None:
+    """Checks are answered at once when they need not wait; one that waits (a relationship lookup, a key fetch)
+    is answered when done, and the checks pipelined behind it after it, in order, even when they would not wait."""
+    first_sub, second_sub = token(sub="u-slow"), token(sub="u-fast")
+
+    class Waits(Authorizer):
+        async def check(self, request: HttpRequest, explain: bool = False) -> Decision:
+            if request.path == "/orders/slow":
+                await asyncio.sleep(0.05)
+                await asyncio.sleep(0)  # a second wait: the rest of the check is driven to its end
+            return await super().check(request, explain)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("/orders/slow", authorization=f"Bearer {first_sub}")
+                     + head("/orders", authorization=f"Bearer {second_sub}")
+                     + head("/nope", authorization=f"Bearer {second_sub}"))
+        answers = [await read_answer(reader) for _ in range(3)]
+        writer.close()
+        assert [(a.status, a.headers.get("x-auth-sub")) for a in answers] == [
+            (200, "u-slow"), (200, "u-fast"), (403, None)]
+
+    serve(scenario, lambda real: Waits(real.policy, real.verifier))
 
 
 def test_the_route_metadata_proxy_decides_like_grpc_context_extensions() -> None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
@@ -22,7 +24,44 @@ def decide(rules: list[dict[str, Any]], method: str = "GET", target: str = "/",
     proxy = Proxy(name="p", providers=(), default_effect=Effect(default), rules=tuple(parsed))
     request = HttpRequest.from_target(method, target, headers=headers or {})
     verdict = asyncio.run(evaluate(proxy, request, Claims.of(claims or {}), NoRelationships()))
+    # The serving path (rules compiled at load, no trace) must decide exactly as the traced one.
+    served = asyncio.run(evaluate(proxy, request, Claims.of(claims or {}), NoRelationships(), explain=False))
+    assert (served.effect, served.rule) == (verdict.effect, verdict.rule), "compiled rules disagree"
     return verdict.effect, (verdict.rule.index if verdict.rule else None)
+
+
+STRINGS = st.sampled_from(["user-1", "svc-2", "admin", "", "a.b"])
+CLAIM_VALUES = st.one_of(STRINGS, STRINGS, STRINGS, st.integers(-2, 2), st.booleans(),
+                         st.none(), st.lists(st.sampled_from(["admin", "user-1", "x"]), max_size=3),
+                         st.dictionaries(st.sampled_from(["b", "sub"]), st.sampled_from(["user-1", "admin"]),
+                                         max_size=2))
+PATTERNS = st.sampled_from(["^sub$", "^roles$", "^a$", "^a.b$", "^(sub|roles)$", "sub", "^user-", "admin$", "^admin$",
+                            "^[a-z]+-1$", "^true$", "^1$", "^null$", "b", "^a\\.b$", ".*"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    claims=st.dictionaries(st.sampled_from(["sub", "sub", "roles", "a", "a.b", "n"]), CLAIM_VALUES, max_size=4),
+    conditions=st.lists(st.tuples(PATTERNS, st.one_of(st.none(), PATTERNS), st.booleans()), max_size=3),
+    methods=st.one_of(st.none(), st.sets(st.sampled_from(["GET", "POST", "DELETE"]), min_size=1)),
+    method=st.sampled_from(["GET", "HEAD", "OPTIONS", "POST", "DELETE"]),
+    path=st.one_of(st.none(), st.tuples(PATTERNS, st.booleans())),
+    effect=st.sampled_from(["allow", "deny"]),
+)
+def test_compiled_rules_decide_as_the_traced_path(
+    claims: dict[str, Any], conditions: list[tuple[str, str | None, bool]], methods: set[str] | None, method: str,
+    path: tuple[str, bool] | None, effect: str,
+) -> None:
+    """Generated claims (strings, numbers, lists, objects, dotted names) against generated rules: same verdicts."""
+    rule: dict[str, Any] = {"effect": effect, "token": [
+        {"claim": {"pattern": name}, **({"value": {"pattern": value}} if value else {}),
+         "presence": "must_exist" if exists else "must_absent"} for name, value, exists in conditions]}
+    if methods:
+        rule["methods"] = sorted(methods)
+    if path:
+        rule["path"] = {"path": {"pattern": path[0]}, "presence": "must_exist" if path[1] else "must_absent"}
+    decide([rule, {"effect": "deny", "token": [{"claim": {"pattern": "^n$"}}]}], method, "/sub/user-1",
+           claims)
 
 
 ALLOW_ALL = {"effect": "allow"}

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import SidecarProcess, free_port
+from extauthz.policy.errors import PolicyError
+from extauthz.policy.loader import parse_policy
 from tests.e2e.stack import write_policy
 
 POLICY = """
@@ -83,3 +89,43 @@ def test_sigterm_drains_in_flight_checks(tmp_path: Path) -> None:
             assert "draining" in sidecar.logs()
         finally:
             sidecar.stop()
+
+
+# Starts, reloads a good edit, then one only the shape pass (pydantic's) refuses; prints what it saw.
+SERVING_PROCESS = """
+import asyncio, json, sys
+from pathlib import Path
+from extauthz.server.runtime import RuntimeHolder
+
+async def main() -> None:
+    path = Path(sys.argv[1])
+    holder = await RuntimeHolder.start(path)
+    try:
+        path.write_text(path.read_text().replace("drainSeconds: 1", "drainSeconds: 2"))
+        reloaded = await holder.reload()
+        path.write_text(path.read_text().replace("jwksRefreshSeconds: 60", "clockSkewSeconds: -600"))
+        refused = await holder.reload()
+        errors = list(holder.last_reload.errors) if holder.last_reload else []
+    finally:
+        await holder.close()
+    print(json.dumps({"reloaded": reloaded.value, "refused": refused.value, "errors": errors,
+                      "pydantic": sorted(m for m in sys.modules if m.startswith("pydantic"))}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_server_checks_the_policy_shape_on_every_load_without_holding_pydantic(tmp_path: Path) -> None:
+    """The shape pass runs in a short child: the server keeps its ~10 MB, refuses the same mistakes, word for word."""
+    with IdentityProvider() as idp:
+        path = write_policy(tmp_path, POLICY, idp)
+        run = subprocess.run([sys.executable, "-c", SERVING_PROCESS, str(path)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.splitlines()[-1])
+    with pytest.raises(PolicyError) as in_process:  # the shape pass here, with pydantic
+        parse_policy(path.read_bytes(), str(path), path.parent)
+    expected = [str(issue) for issue in in_process.value.issues]
+    assert any("clockSkewSeconds: must be zero or more, found -600" in line for line in expected)
+    assert (seen["reloaded"], seen["refused"], seen["errors"]) == ("reloaded", "invalid", expected)
+    assert seen["pydantic"] == []

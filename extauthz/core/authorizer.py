@@ -23,13 +23,14 @@ from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
 from extauthz.core.normalize import REFUSED_METHODS, STANDARD_METHODS, method_matches
 from extauthz.core.request import HttpRequest
-from extauthz.core.rules import NoRelationships, RelationshipResolver, Verdict, evaluate
+from extauthz.core.rules import CompiledRule, NoRelationships, RelationshipResolver, Verdict, compile_rules, evaluate
 from extauthz.core.scope import request_in_scope
 from extauthz.core.tokens import FoundToken, find_token
 from extauthz.core.variables import resolve
 from extauthz.policy.model import Effect, Mode, Policy, Proxy
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+_NO_VALUES: Mapping[str, str] = MappingProxyType({})
 
 
 def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
@@ -59,6 +60,10 @@ class _ProxyFacts:
     """The proxy's token sources and the headers it owns."""
     named_methods: frozenset[str]
     """Methods outside the standard set that some rule or public path names explicitly."""
+    rules: tuple[CompiledRule, ...]
+    """The rules as compiled tests (the serving path of policies without relationship conditions)."""
+    static_scopes: bool
+    """No filter's path scope has variables: whether one may apply is known before any value is resolved."""
 
     @classmethod
     def of(cls, policy: Policy, proxy: Proxy) -> _ProxyFacts:
@@ -66,7 +71,8 @@ class _ProxyFacts:
         named: set[str] = set()
         for methods in (*(r.methods for r in proxy.rules), *(p.methods for p in proxy.public_paths)):
             named.update(methods or ())
-        return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS))
+        return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS), compile_rules(proxy),
+                   all(f.path is None or not f.path.variables for f in proxy.filters))
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,6 @@ class Authorizer:
         self.verifier = verifier
         self.relationships = relationships or NoRelationships()
         self._facts: Mapping[str, _ProxyFacts] = {p.name: _ProxyFacts.of(policy, p) for p in policy.proxies}
-        self._filters = any(p.filters for p in policy.proxies)
 
     async def check(self, request: HttpRequest, explain: bool = False) -> Decision:
         """Decide one request; the decision names this authorizer's policy digest.
@@ -104,7 +109,7 @@ class Authorizer:
         if isinstance(identity, Decision):
             return identity
         claims, found = identity
-        verdict = await evaluate(check.proxy, request, claims, self.relationships, explain)
+        verdict = await evaluate(check.proxy, request, claims, self.relationships, explain, check.facts.rules)
         if not explain and verdict.trace:
             verdict = Verdict(verdict.effect, verdict.rule, ())
         return self._respond(check, claims, found, verdict)
@@ -168,18 +173,28 @@ class Authorizer:
         proxy = check.proxy
         metadata: Mapping[str, Any] = _NO_METADATA
         filtered = False
-        if self._filters:  # with no filter anywhere, the response phase passes everything: nothing to hand off
+        if proxy.filters and (not check.facts.static_scopes or any(
+                request_in_scope(f, *self._scope(check), _NO_VALUES) for f in proxy.filters)):
+            # A filter may apply: the response phase needs the hand-off. Otherwise Envoy skips it (no metadata).
             handoff = self._handoff(check, claims)
             filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
                            for f in proxy.filters)
-            metadata = handoff.to_metadata()
-        mutations = upstream_mutations(proxy, check.request, claims, found, forward_token, check.facts.stripping,
-                                       filtered)
+            if filtered:
+                metadata = handoff.to_metadata()
+        mutations = upstream_mutations(check.request, claims, found, forward_token, check.facts.stripping, filtered)
         monitored = verdict is not None and verdict.effect is Effect.DENY
         return Decision(True, 200, Code.WOULD_DENY if monitored else Code.ALLOWED, why, check.decision_id,
                         proxy.name, verdict.rule if verdict else None, claims, mutations,
                         metadata=metadata, monitored=monitored,
                         trace=verdict.trace if verdict else (), policy=self.policy.digest)
+
+    @staticmethod
+    def _scope(check: _Check) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The request's methods and paths over all its readings, as filter scopes see them."""
+        views = check.views
+        if len(views) == 1:
+            return (views[0].method,), (views[0].path,)
+        return tuple(dict.fromkeys(v.method for v in views)), tuple(dict.fromkeys(v.path for v in views))
 
     def _handoff(self, check: _Check, claims: Claims) -> Handoff:
         """What the response phase needs: the request's readings and each filter's variables.
@@ -192,12 +207,7 @@ class Authorizer:
         for flt in check.proxy.filters:
             per_view = [resolve(flt.variables, view, claims) for view in views]
             values.append({k: v for k, v in per_view[0].items() if all(o.get(k) == v for o in per_view[1:])})
-        methods: tuple[str, ...]
-        paths: tuple[str, ...]
-        if len(views) == 1:
-            methods, paths = (views[0].method,), (views[0].path,)
-        else:
-            methods, paths = tuple(dict.fromkeys(v.method for v in views)), tuple(dict.fromkeys(v.path for v in views))
+        methods, paths = self._scope(check)
         return Handoff(
             decision_id=check.decision_id, proxy=check.proxy.name, policy=self.policy.digest,
             methods=methods, paths=paths, host=check.request.host_name or "", filter_values=tuple(values),

@@ -84,22 +84,33 @@ class Claims:
         _find(self.payload, name, name, out)
         return out
 
-    @cached_property
-    def memo(self) -> dict[int, tuple[object, Any]]:
-        """Results derived from these claims alone (identity header values per ``upstream``), computed once per
-        verified token rather than per request. Keyed by ``id(owner)``; each entry keeps its owner alive so
-        the id cannot be reused while the entry exists."""
-        return {}
-
     def derived(self, owner: Owner, compute: Callable[[Owner, Claims], T]) -> T:
-        """``compute(owner, self)``, once per owner (an object of the running policy) while these claims live."""
+        """``compute(owner, self)``, once per owner (an object of the running policy) while these claims live.
+
+        For results derived from these claims alone (a request's upstream
+        mutations), computed once per verified token rather than per request.
+        Each result keeps its owner alive, so an owner is found by identity.
+        Most tokens only ever have one owner: it is kept in the instance, and a
+        dict is made only for a second one (every cached token holds these).
+        """
         if not self.payload:  # the shared anonymous claims would keep every policy's owners alive
             return compute(owner, self)
-        hit = self.memo.get(id(owner))
-        if hit is not None and hit[0] is owner:
-            return cast(T, hit[1])
+        state = self.__dict__
+        first = state.get("_first")
+        if first is not None and first[0] is owner:
+            return cast(T, first[1])
+        more: dict[int, tuple[object, Any]] | None = state.get("_more")
+        if more is not None:
+            hit = more.get(id(owner))
+            if hit is not None and hit[0] is owner:
+                return cast(T, hit[1])
         value = compute(owner, self)
-        self.memo[id(owner)] = (owner, value)
+        if first is None:
+            state["_first"] = (owner, value)
+        else:
+            if more is None:
+                more = state["_more"] = {}
+            more[id(owner)] = (owner, value)
         return value
 
     @cached_property

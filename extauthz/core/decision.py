@@ -61,7 +61,7 @@ def error_body(code: str, message: str, decision_id: str) -> bytes:
     return orjson.dumps({"error": code, "message": message, "decisionId": decision_id})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mutations:
     """What changes on the way upstream when a request is allowed (docs/policy.md, ``upstream``)."""
 

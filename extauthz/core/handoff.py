@@ -41,7 +41,7 @@ class Handoff:
     version: int = VERSION
 
     def to_metadata(self) -> dict[str, Any]:
-        """A JSON-shaped dict the adapter turns into a protobuf Struct (strings and lists only)."""
+        """A JSON-shaped dict (strings and lists only) that the adapters encode as one string."""
         return {
             "v": str(self.version),
             "decisionId": self.decision_id,

@@ -20,8 +20,9 @@ Nothing the caller sent that belongs to the sidecar reaches the upstream:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
 
 from extauthz.core.claims import Claims
 from extauthz.core.decision import Mutations
@@ -46,6 +47,9 @@ class Stripping:
     """Lower case, decoded names."""
     owned_headers: frozenset[str]
     """Header names the sidecar sets or strips; their ``_`` spellings are look-alikes."""
+    upstream: Upstream
+    plans: Mapping[tuple[int, bool], _Plan] = field(default_factory=dict, compare=False, repr=False)
+    """By (``id`` of the forwarded token's source, or of None; filtered): see :func:`upstream_mutations`."""
 
     @classmethod
     def of(cls, proxy: Proxy, sources: Iterable[TokenSource]) -> Stripping:
@@ -54,46 +58,105 @@ class Stripping:
         owned = set(token_headers) | {h.name for h in proxy.upstream.identity_headers}
         if proxy.upstream.target_credential is not None:
             owned.add(proxy.upstream.target_credential.header)
-        return cls(
+        stripping = cls(
             sources=sources,
             token_headers=token_headers,
             cookies=frozenset(s.cookie.lower() for s in sources if s.cookie),
             query=frozenset(s.query.lower() for s in sources if s.query),
             owned_headers=frozenset(owned),
+            upstream=proxy.upstream,
         )
+        plans = cast(dict[tuple[int, bool], _Plan], stripping.plans)
+        for kept in (None, *sources):
+            for filtered in (False, True):
+                plans[(id(kept), filtered)] = _Plan(stripping, kept, filtered)
+        return stripping
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """The mutations' part that depends on the policy and the claims alone, remembered per verified token."""
+
+    stripping: Stripping
+    kept: TokenSource | None
+    """The token source whose token is forwarded (its provider forwards tokens), or None."""
+    filtered: bool
+    _shared: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    def shared(self, value: tuple[str, ...]) -> tuple[str, ...]:
+        """An equal tuple made earlier for this plan, else ``value`` (kept when there is room)."""
+        found = self._shared.get(value)
+        if found is not None:
+            return found
+        if len(self._shared) < _MAX_SHARED:
+            self._shared[value] = value
+        return value
+
+
+_MAX_SHARED = 64
+"""Tuples kept per plan: the constant ones are a handful; a per-caller value (x-auth-sub) fills the rest once."""
 
 
 def upstream_mutations(
-    proxy: Proxy, request: HttpRequest, claims: Claims, token: FoundToken | None, forward_token: bool,
+    request: HttpRequest, claims: Claims, token: FoundToken | None, forward_token: bool,
     stripping: Stripping, filtered: bool,
 ) -> Mutations:
-    set_headers: dict[str, str] = {} if filtered else {UNFILTERED_MARKER: "1"}
+    """What to change on the way upstream; computed once per verified token when the request adds nothing.
+
+    Only a cookie or a query parameter that may hold a token, a look-alike of
+    an owned header or (when filtered) a Range header make a request's
+    mutations differ from those of any other request with the same token; most
+    requests have none of them and reuse the ones made for their token.
+    """
     kept = token.source if token is not None and forward_token else None
+    plan = stripping.plans[(id(kept), filtered)]
+    headers = request.headers
+    if (stripping.cookies and "cookie" in headers) or (stripping.query and request.query_string) \
+            or (filtered and ("range" in headers or "if-range" in headers)) \
+            or (stripping.owned_headers and "_" in "".join(headers)):
+        return _mutations(plan, claims, request)
+    return claims.derived(plan, _token_mutations)
+
+
+def _token_mutations(plan: _Plan, claims: Claims) -> Mutations:
+    return _mutations(plan, claims, None)
+
+
+def _mutations(plan: _Plan, claims: Claims, request: HttpRequest | None) -> Mutations:
+    """The mutations for a request (None: one that sent no cookie, query token, look-alike or Range)."""
+    stripping, kept, filtered = plan.stripping, plan.kept, plan.filtered
+    set_headers: dict[str, str] = {} if filtered else {UNFILTERED_MARKER: "1"}
     remove = [h for h in stripping.token_headers if kept is None or h != kept.header]
-    remove.extend(_look_alikes(request, stripping.owned_headers))
-    if filtered:
-        remove.extend((*(h for h in RANGE_HEADERS if h in request.headers), UNFILTERED_MARKER))
-    if stripping.cookies and "cookie" in request.headers:
-        keep_cookie = kept.cookie if kept is not None else ""
-        rest = without_cookies(request.headers["cookie"], stripping.cookies - {keep_cookie.lower()})
-        if rest is not None:
-            if rest:
-                set_headers["cookie"] = rest
-            else:
-                remove.append("cookie")
     remove_query: list[str] = []
-    keep_query = kept.query.lower() if kept is not None else ""
-    for name, spellings in (request.raw_query_names.items() if stripping.query and request.query_string else ()):
-        lowered = name.lower()
-        if lowered in stripping.query and lowered != keep_query:
-            # Envoy removes by the name as it appears in the URL; send the decoded name too.
-            remove_query.extend(dict.fromkeys((*spellings, name)))
-    credential = proxy.upstream.target_credential
+    if request is not None:
+        remove.extend(_look_alikes(request, stripping.owned_headers))
+    if filtered:
+        if request is not None:
+            remove.extend(h for h in RANGE_HEADERS if h in request.headers)
+        remove.append(UNFILTERED_MARKER)
+    if request is not None:
+        if stripping.cookies and "cookie" in request.headers:
+            keep_cookie = kept.cookie if kept is not None else ""
+            rest = without_cookies(request.headers["cookie"], stripping.cookies - {keep_cookie.lower()})
+            if rest is not None:
+                if rest:
+                    set_headers["cookie"] = rest
+                else:
+                    remove.append("cookie")
+        keep_query = kept.query.lower() if kept is not None else ""
+        for name, spellings in (request.raw_query_names.items() if stripping.query and request.query_string else ()):
+            lowered = name.lower()
+            if lowered in stripping.query and lowered != keep_query:
+                # Envoy removes by the name as it appears in the URL; send the decoded name too.
+                remove_query.extend(dict.fromkeys((*spellings, name)))
+    upstream = stripping.upstream
+    credential = upstream.target_credential
     if credential is not None:
         set_headers[credential.header] = credential.prefix + credential.value
-    upstream = proxy.upstream
     if upstream.identity_headers:
-        for name, value in claims.derived(upstream, _identity_values):
+        # Remembered per token only where the mutations themselves are not (a request with its own additions).
+        values = _identity_values(upstream, claims) if request is None else claims.derived(upstream, _identity_values)
+        for name, value in values:
             if value is None:
                 remove.append(name)
             else:
@@ -101,7 +164,12 @@ def upstream_mutations(
     # A header being set is overwritten; removing it as well could drop the new value.
     if len(remove) > 1 or (remove and remove[0] in set_headers):
         remove = [h for h in dict.fromkeys(remove) if h not in set_headers]
-    return Mutations(tuple(set_headers.items()), tuple(remove), tuple(remove_query))
+    if request is not None:
+        return Mutations(tuple(set_headers.items()), tuple(remove), tuple(remove_query))
+    # Kept with the token for as long as it is cached: what every token of the plan has in common
+    # (the headers removed, the marker, the credential) is kept once, not once per token.
+    pairs = cast(tuple[tuple[str, str], ...], tuple(plan.shared(item) for item in set_headers.items()))
+    return Mutations(pairs, plan.shared(tuple(remove)))
 
 
 def _identity_values(upstream: Upstream, claims: Claims) -> tuple[tuple[str, str | None], ...]:

@@ -78,8 +78,10 @@ def path_views(path: str) -> tuple[str, ...] | None:
     A decoding that is not UTF-8, or holds control characters (``%00``, CR, LF),
     has no single reading: the caller refuses the request.
     """
+    if path_is_plain(path):
+        return (path,)
     if "%" not in path and ";" not in path and "\\" not in path and "/." not in path and "//" not in path:
-        return (path, path[:-1]) if _trailing_slash(path) else (path,)
+        return (path, path[:-1])  # a trailing slash
     try:
         decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
@@ -91,6 +93,12 @@ def path_views(path: str) -> tuple[str, ...] | None:
     readings.append(_resolve(stripped))
     readings.extend([r[:-1] for r in readings if _trailing_slash(r)])
     return tuple(dict.fromkeys(readings))
+
+
+def path_is_plain(path: str) -> bool:
+    """Does the path read the same to every service: nothing to decode, cut or resolve, no trailing slash?"""
+    return "%" not in path and ";" not in path and "\\" not in path and "/." not in path and "//" not in path \
+        and (len(path) <= 1 or path[-1] != "/")
 
 
 def _trailing_slash(path: str) -> bool:

@@ -48,12 +48,12 @@ work per distinct key, not per value.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
 from extauthz.core.claims import spell
-from extauthz.policy.matchers import Matcher
+from extauthz.policy.matchers import Exact, Matcher
 from extauthz.policy.model import Filter, FilterEffect, FilterOperation
 
 JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
@@ -66,6 +66,7 @@ class _Drop(Enum):
 
 
 _DROP: Final = _Drop.DROP
+_ABSENT: Final = object()
 
 
 class _MatchAll:
@@ -169,16 +170,19 @@ def apply_filters(filters: Iterable[BoundFilter], document: JsonValue) -> JsonVa
 # --- one run over one document ------------------------------------------------
 
 
-@dataclass(eq=False)
 class _PathNode:
     """What the operations say about one path; created on first sight, then reused."""
 
-    path: str
-    retain: bool
-    destroy: bool
-    retain_rows: tuple[_RowMatcher, ...]
-    destroy_rows: tuple[_RowMatcher, ...]
-    children: dict[str, _PathNode] = field(default_factory=dict)
+    __slots__ = ("children", "destroy", "destroy_rows", "path", "retain", "retain_rows")
+
+    def __init__(self, path: str, retain: bool, destroy: bool, retain_rows: tuple[_RowMatcher, ...],
+                 destroy_rows: tuple[_RowMatcher, ...]) -> None:
+        self.path = path
+        self.retain = retain
+        self.destroy = destroy
+        self.retain_rows = retain_rows
+        self.destroy_rows = destroy_rows
+        self.children: dict[str, _PathNode] = {}
 
 
 class _FieldNode:
@@ -195,19 +199,44 @@ class _FieldNode:
 class _RowMatcher:
     """A row test with per-document caches: a trie of relative field paths, and value verdicts."""
 
-    __slots__ = ("_fields", "_values", "test")
+    __slots__ = ("_fields", "_names", "_values", "test")
 
     def __init__(self, test: RowTest) -> None:
         self.test = test
         self._fields = _FieldNode("", test.match_field.matches(""))
         self._values: dict[str, bool] = {}
+        names = test.match_field.names if type(test.match_field) is Exact else ()
+        self._names: tuple[str, ...] = tuple(sorted(names)) if all(n and "." not in n for n in names) else ()
+        """``matchField`` is one or more plain keys (``^userId$``): see :meth:`matches`."""
 
     def matches(self, element: JsonValue) -> bool:
         if self.test.unconditional:
             return True
         if self.test.never:
             return False
+        if self._names and type(element) is dict and "" not in element:
+            # Only the element's own keys can have these relative paths (a nested path holds a dot, and
+            # only a "" key can lead to a nested path without one): look them up instead of scanning the row.
+            for name in self._names:
+                value = element.get(name, _ABSENT)
+                if type(value) is str:
+                    verdict = self._values.get(value)
+                    if verdict is None:
+                        verdict = self._values[value] = self.test.match_value.matches(value)
+                    if verdict:
+                        return True
+                elif value is not _ABSENT and self._found(cast(JsonValue, value)):
+                    return True
+            return False
         return self._scan(element, self._fields)
+
+    def _found(self, value: JsonValue) -> bool:
+        """A scalar at the looked-up path, or in arrays there (transparent); an object's fields are deeper."""
+        if isinstance(value, list):
+            return any(self._found(item) for item in value)
+        if value is None or isinstance(value, dict):
+            return False
+        return self._value(value)
 
     def _child(self, node: _FieldNode, key: str) -> _FieldNode:
         name = f"{node.name}.{key}" if node.name else key
@@ -239,6 +268,13 @@ class _RowMatcher:
         return node.selected and self._value(value)
 
 
+def _any_matches(matchers: tuple[Matcher, ...], path: str) -> bool:
+    for matcher in matchers:  # noqa: SIM110 - a loop: most filters have none or one, and any() costs more
+        if matcher.matches(path):
+            return True
+    return False
+
+
 class _Run:
     def __init__(self, bound: BoundFilter) -> None:
         self.bound = bound
@@ -251,10 +287,10 @@ class _Run:
         b = self.bound
         return _PathNode(
             path,
-            retain=any(r.matches(path) for r in b.retain_fields),
-            destroy=any(r.matches(path) for r in b.destroy_fields),
-            retain_rows=tuple(m for m in self.retain_rows if m.test.json_path.matches(path)),
-            destroy_rows=tuple(m for m in self.destroy_rows if m.test.json_path.matches(path)),
+            _any_matches(b.retain_fields, path),
+            _any_matches(b.destroy_fields, path),
+            tuple(m for m in self.retain_rows if m.test.json_path.matches(path)) if self.retain_rows else (),
+            tuple(m for m in self.destroy_rows if m.test.json_path.matches(path)) if self.destroy_rows else (),
         )
 
     def _child(self, node: _PathNode, key: str) -> _PathNode:
@@ -302,13 +338,16 @@ class _Run:
         # Kept rows are kept whole unless a retain field operation reaches inside this array.
         whole = keep or (addressed and not self._selects_inside(array, node))
         out: list[JsonValue] = []
+        destroy_rows, retain_rows = node.destroy_rows, node.retain_rows
         for element in array:
             if isinstance(element, list):
                 kept = self._allow_array(element, node, keep)
-            elif any(m.matches(element) for m in node.destroy_rows):
+            elif destroy_rows and any(m.matches(element) for m in destroy_rows):
                 continue
             elif addressed:
-                if not any(m.matches(element) for m in node.retain_rows):
+                # One row operation is the common case: call it without building a generator per row.
+                if not (retain_rows[0].matches(element) if len(retain_rows) == 1
+                        else any(m.matches(element) for m in retain_rows)):
                     continue
                 kept = self._allow(element, node, whole)
             else:
@@ -355,10 +394,11 @@ class _Run:
 
     def _deny_array(self, array: list[JsonValue], node: _PathNode) -> list[JsonValue]:
         out: list[JsonValue] = []
+        destroy_rows = node.destroy_rows
         for element in array:
             if isinstance(element, list):
                 out.append(self._deny_array(element, node))
-            elif not any(m.matches(element) for m in node.destroy_rows):
+            elif not destroy_rows or not any(m.matches(element) for m in destroy_rows):
                 kept = self._deny(element, node)
                 if kept is not _DROP:
                     out.append(kept)

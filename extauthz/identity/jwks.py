@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,9 @@ class VerificationKey:
     kid: str | None = None
     thumbprint: str = ""
 
-    @property
+    @cached_property
     def identity(self) -> KeyIdentity:
+        """One tuple per key: every token the key verified keeps it in the token cache."""
         return self.kid, self.thumbprint
 
     def fits(self, alg: str) -> bool:

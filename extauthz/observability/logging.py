@@ -49,7 +49,8 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     _DecisionLines.direct = fmt != "console"
     _DecisionLines.enabled = logging.getLevelName(level.upper()) <= logging.INFO
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer() if fmt == "console"
+        else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     structlog.configure(
         processors=[
@@ -63,6 +64,15 @@ def configure(fmt: str = "json", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
+
+
+def _json_line(event: dict[str, Any], **_: Any) -> str:
+    """structlog's JSON renderer with orjson: the same line for a third of the cost (a filtered response
+    logs one); the standard encoder still writes what orjson refuses (a lone surrogate)."""
+    try:
+        return orjson.dumps(event, default=str).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event, default=str)
 
 
 decisions = structlog.get_logger("extauthz.decision")
@@ -89,10 +99,22 @@ def log_decision(decision: Decision, request: HttpRequest, latency_us: int, **ex
     if not _DecisionLines.enabled:
         return
     rule = decision.rule
+    traced = trace_fields(request.headers)
+    if _DecisionLines.direct and not traced and not decision.monitored and not extra:
+        # The line of nearly every Check, built in one go (the general case below costs ~2 µs more).
+        _write({
+            "decision_id": decision.decision_id, "request_id": request.request_id, "proxy": decision.proxy,
+            "method": request.method, "path": _loggable(request.path), "sub": decision.sub,
+            "result": "allow" if decision.allowed else "deny", "status": decision.status, "code": decision.code,
+            "reason": decision.reason, "rule_index": rule.index if rule else None,
+            "rule_notes": rule.notes if rule else None, "policy": decision.policy or None, "latency_us": latency_us,
+            "event": "decision", "level": "info", "timestamp": _timestamp(),
+        })
+        return
     fields: dict[str, Any] = {
         "decision_id": decision.decision_id,
         "request_id": request.request_id,
-        **trace_fields(request.headers),
+        **traced,
         "proxy": decision.proxy,
         "method": request.method,
         "path": _loggable(request.path),
@@ -115,6 +137,10 @@ def log_decision(decision: Decision, request: HttpRequest, latency_us: int, **ex
         decisions.info("decision", **fields)
         return
     fields.update(event="decision", level="info", timestamp=_timestamp())
+    _write(fields)
+
+
+def _write(fields: dict[str, Any]) -> None:
     try:
         line = orjson.dumps(fields, default=str).decode()
     except orjson.JSONEncodeError:  # a lone surrogate somewhere: the standard encoder escapes it

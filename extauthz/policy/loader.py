@@ -9,8 +9,11 @@ at all, so a broken edit can never half-replace the running one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -55,7 +58,6 @@ from extauthz.policy.model import (
     freeze,
 )
 from extauthz.policy.patterns import Pattern, PatternError, Template
-from extauthz.policy.schema import shape_issues
 from extauthz.policy.source import LDict, LList, read_document
 
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -894,17 +896,32 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(text, str(file), file.resolve().parent)
 
 
-def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None) -> Policy:
+def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None, *,
+                 shape_in_child: bool = False) -> Policy:
     """Shape first (every type, bound and unknown field in the file, from the declared model), then meaning
-    (patterns, references, files); all issues of both passes are reported together, each once."""
+    (patterns, references, files); all issues of both passes are reported together, each once.
+
+    ``shape_in_child``: the server's choice. The shape pass is pydantic's, and
+    pydantic with the policy models costs a long-running process about 10 MB
+    that it would hold for good after one load; the pass then runs in a short
+    child process instead (:class:`_ShapeCheck`), on the very same bytes, while
+    this process runs the second pass.
+    """
     raw = text.encode() if isinstance(text, str) else text
     ctx = _Ctx(file, base_dir or Path.cwd())
     document = read_document(raw, file)
-    shape = shape_issues(document, file)
+    check = _ShapeCheck(raw, file) if shape_in_child else None
     try:
-        policy = _parse_root(ctx, document)
-    except _Abort:
-        policy = None
+        shape = _shape_issues(document, file) if check is None else []
+        try:
+            policy = _parse_root(ctx, document)
+        except _Abort:
+            policy = None
+        if check is not None:
+            shape = check.issues(document)
+    finally:
+        if check is not None:
+            check.close()
     issues = merge_issues(ctx.issues, shape)
     if issues or policy is None:
         raise PolicyError(issues or [Issue(file, 0, "", "the policy could not be read")])
@@ -914,6 +931,58 @@ def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | Non
         authzen=policy.authzen, relationship_cache=policy.relationship_cache,
         server=policy.server, source=file, digest=digest,
     )
+
+
+def _shape_issues(document: object, file: str) -> list[Issue]:
+    """The shape pass in this process; pydantic is imported only here, when a policy is checked."""
+    from extauthz.policy.schema import shape_issues
+
+    return shape_issues(document, file)
+
+
+class _ShapeCheck:
+    """The shape pass (:func:`extauthz.policy.schema.shape_issues`) in a child process, started at once.
+
+    The child is this interpreter with this process's ``sys.path``, so it runs
+    the very code that would run here, on the same bytes; it imports pydantic
+    while the caller runs the second pass. Should it fail for any reason of its
+    own (cannot start, killed, times out, prints nonsense), the pass runs here
+    instead: a policy is never loaded with fewer checks, only with more memory.
+    """
+
+    TIMEOUT_SECONDS = 60.0
+
+    def __init__(self, raw: bytes, file: str) -> None:
+        self.raw = raw
+        self.file = file
+        self.process: subprocess.Popen[bytes] | None = None
+        code = ("import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
+                "from extauthz.policy.schema import shape_issues_main; sys.exit(shape_issues_main())")
+        try:
+            self.process = subprocess.Popen(  # this interpreter, fixed code, no shell
+                [sys.executable, "-c", code, json.dumps(sys.path), file],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.process = None
+
+    def issues(self, document: object) -> list[Issue]:
+        """The child's issues; computed here if the child did not deliver them."""
+        if self.process is not None:
+            try:
+                out, _ = self.process.communicate(self.raw, timeout=self.TIMEOUT_SECONDS)
+                if self.process.returncode == 0:
+                    return [Issue(self.file, int(line), str(field), str(message))
+                            for line, field, message in json.loads(out)]
+            except (OSError, ValueError, TypeError, subprocess.SubprocessError):
+                pass
+        return _shape_issues(document, self.file)
+
+    def close(self) -> None:
+        """Never leave the child behind (the caller failed, or it timed out)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def _parse_root(ctx: _Ctx, document: object) -> Policy:

@@ -392,3 +392,23 @@ def _model_of(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def shape_issues_main() -> int:
+    """The shape pass as a child process of the server (see :func:`extauthz.policy.loader.parse_policy`).
+
+    Reads the policy's bytes on stdin, the file name as ``sys.argv[1]``; prints
+    the issues as a JSON list of ``[line, field, message]``. The server runs
+    this pass in a child so pydantic (about 10 MB once imported and the models
+    built) never lives in the serving process, whose memory is held for days.
+    """
+    import json
+    import sys
+
+    from extauthz.policy.source import read_document
+
+    file = sys.argv[1]
+    document = read_document(sys.stdin.buffer.read(), file)
+    issues = shape_issues(document, file)
+    json.dump([[i.line, i.field, i.message] for i in issues], sys.stdout)
+    return 0

@@ -10,23 +10,25 @@ HTTP/1.1 messages; what both do around a Check is in :mod:`extauthz.server.check
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.decision import Decision
 from extauthz.core.request import HttpRequest
 from extauthz.server.checks import NO_REQUEST, failed, record
+from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
 from extauthz.server.headers import header_map
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _GRPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED, 503: code_pb2.UNAVAILABLE}
 
 
@@ -36,14 +38,15 @@ def to_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     sent = http.headers
     headers = {name: sent[name] for name in sent} if sent else header_map(http.header_map)
     path, _, query = http.path.partition("?")
-    context = check.attributes.context_extensions
+    # Only `proxy` is read; copying the whole protobuf map cost more than the rest of this function.
+    proxy = check.attributes.context_extensions.get("proxy")
     return HttpRequest(
         method=http.method.upper(),
         path=path,
         host=http.host or headers.get(":authority", ""),
         query_string=query,
         headers=headers,
-        context={name: context[name] for name in context} if context else {},
+        context={"proxy": proxy} if proxy is not None else _NO_CONTEXT,
         request_id=headers.get("x-request-id", http.id),
     )
 
@@ -78,9 +81,9 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             ok.query_parameters_to_remove.extend(m.remove_query_params)
         _add_header(ok.response_headers_to_add, "x-extauthz-decision-id", decision.decision_id)
         if decision.metadata:
-            metadata = struct_pb2.Struct()
-            metadata.update(decision.metadata)
-            response.dynamic_metadata.CopyFrom(metadata)
+            # One string, as the HTTP transport sends it: a Struct of the same fields cost ~40 µs to build
+            # here and as much to read back in the response phase; this costs a few.
+            response.dynamic_metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
         return response
     headers = [_header("content-type", "application/json"), _header("x-extauthz-decision-id", decision.decision_id)]
     if decision.www_authenticate:

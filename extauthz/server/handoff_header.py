@@ -1,14 +1,15 @@
-"""The Check's hand-off as one HTTP header, for Envoy's HTTP ext_authz transport.
+"""The Check's hand-off as one string, the same over both ext_authz transports.
 
-Over gRPC the hand-off (:class:`~extauthz.core.handoff.Handoff`) travels as a
-protobuf Struct in the CheckResponse's dynamic metadata. Envoy's HTTP ext_authz
-client has no body to carry metadata in; instead it copies the headers named in
-``authorization_response.dynamic_metadata_from_headers`` from the *auth
-service's response* (never from the client's request) into the same
-``envoy.filters.http.ext_authz`` namespace, each as one string. So the hand-off
-is one header whose value is base64url (unpadded) of its compact JSON: plain
-ASCII, whatever the paths or claim values hold, and nothing a header parser
-could split or fold.
+Envoy's HTTP ext_authz client has no body to carry metadata in; instead it
+copies the headers named in ``authorization_response.dynamic_metadata_from_headers``
+from the *auth service's response* (never from the client's request) into the
+``envoy.filters.http.ext_authz`` dynamic metadata namespace, each as one string.
+So the hand-off (:class:`~extauthz.core.handoff.Handoff`) is one header whose
+value is base64url (unpadded) of its compact JSON: plain ASCII, whatever the
+paths or claim values hold, and nothing a header parser could split or fold.
+The gRPC Check writes the same string under the same name into its
+CheckResponse's dynamic metadata (cheaper to write and to read than a Struct of
+the fields), so the response phase has one form to read.
 """
 
 from __future__ import annotations

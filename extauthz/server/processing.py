@@ -40,7 +40,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from extauthz.core.decision import error_body
 from extauthz.core.handoff import Handoff
@@ -79,28 +79,48 @@ _MESSAGES: dict[BlockCode, str] = {
 }
 
 
+def _plain(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python, as ``json_format.MessageToDict`` reads it, at a tenth of its cost."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "struct_value":
+        return _plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def _plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {name: _plain(value) for name, value in struct.fields.items()}
+
+
 def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
     if ATTRIBUTES_NAMESPACE not in message.attributes:
         return {}
-    return dict(json_format.MessageToDict(message.attributes[ATTRIBUTES_NAMESPACE]))
+    return _plain_struct(message.attributes[ATTRIBUTES_NAMESPACE])
 
 
 def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
     """The Check phase's verified view of this exchange's request, if Envoy forwarded it.
 
-    The gRPC transport writes the hand-off's fields into the namespace itself;
-    the HTTP transport writes one string, under its header's name, that holds
-    them (:mod:`extauthz.server.handoff_header`). Only the Check's answer
-    writes this namespace, so neither form can come from a client.
+    Both transports write it as one string under the hand-off header's name
+    (:mod:`extauthz.server.handoff_header`): the gRPC Check into its dynamic
+    metadata, the HTTP Check as a header Envoy copies there. Only the Check's
+    answer writes this namespace, so it cannot come from a client.
     """
     namespaces = message.metadata_context.filter_metadata
     if METADATA_NAMESPACE not in namespaces:
         return None
     struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
-    if HANDOFF_HEADER in struct.fields:
-        fields = decode_handoff(struct.fields[HANDOFF_HEADER].string_value)
-        return Handoff.from_metadata(fields) if fields is not None else None
-    return Handoff.from_metadata(json_format.MessageToDict(struct))
+    if HANDOFF_HEADER not in struct.fields:
+        return None
+    fields = decode_handoff(struct.fields[HANDOFF_HEADER].string_value)
+    return Handoff.from_metadata(fields) if fields is not None else None
 
 
 def to_head(message: pb.ProcessingRequest) -> ResponseHead:

@@ -126,8 +126,10 @@ class RuntimeHolder:
         self._closed = False
 
     @classmethod
-    async def start(cls, path: Path) -> RuntimeHolder:
-        policy = load_for_serving(path)
+    async def start(cls, path: Path, policy: Policy | None = None) -> RuntimeHolder:
+        """Serve ``path``; ``policy`` is that file as just loaded by :func:`load_for_serving`, if it was."""
+        if policy is None:
+            policy = load_for_serving(path, shape_in_child=True)
         http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=32))
         try:
             sidecar = cls(path, http, await Runtime.build(policy, http))
@@ -153,7 +155,7 @@ class RuntimeHolder:
             if self._closed:
                 raise RuntimeError("the sidecar is closed: nothing may be reloaded into it")
             try:
-                policy = await asyncio.to_thread(load_for_serving, self.path)
+                policy = await asyncio.to_thread(load_for_serving, self.path, shape_in_child=True)
             except PolicyError as exc:
                 return self._refused(ReloadOutcome.INVALID, "", [str(i) for i in exc.issues])
             if policy.digest == self.runtime.policy.digest:

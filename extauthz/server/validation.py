@@ -181,18 +181,22 @@ def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     return sorted(issues, key=lambda i: i.line)
 
 
-def load_for_serving(path: str | os.PathLike[str]) -> Policy:
+def load_for_serving(path: str | os.PathLike[str], *, shape_in_child: bool = False) -> Policy:
     """Load a policy and run the server's checks; raises :class:`PolicyError` with every issue.
 
     The file is read once, so the line numbers of the server checks refer to the
     very bytes that were parsed even if the file is swapped meanwhile.
+    ``shape_in_child`` is for long-running processes (the server, the workers'
+    supervisor): the loader's shape pass then runs in a short child process,
+    so pydantic's memory is not held for the life of the server (see
+    :func:`extauthz.policy.loader.parse_policy`); the checks are the same.
     """
     file = Path(path)
     try:
         text = file.read_bytes()
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read policy: {exc.strerror}")]) from None
-    policy = parse_policy(text, str(file), file.resolve().parent)
+    policy = parse_policy(text, str(file), file.resolve().parent, shape_in_child=shape_in_child)
     issues = serving_issues(policy, text)
     if issues:
         raise PolicyError(issues)

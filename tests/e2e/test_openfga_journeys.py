@@ -10,6 +10,7 @@ The sidecar also shares answers through a real Redis, which goes away at the end
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -155,9 +156,9 @@ def test_a_failing_backend_fails_closed(stack: Stack, fga: OpenFgaServer) -> Non
     assert stack.request("GET", "/v1/journeys/fresh-2", anne).status == 403
     fga.then(Scripted(200, b'{"allowed": true}', delay=0.6))  # beyond the 250 ms budget
     assert stack.request("GET", "/v1/journeys/fresh-3", anne).status == 403
-    log = stack.sidecar.logs()
-    for cause in ("status_5xx", "malformed", "timeout"):
-        assert f'"cause": "{cause}"' in log and '"backend": "fga"' in log, cause
+    events = [json.loads(line) for line in stack.sidecar.logs().splitlines() if line.startswith("{")]
+    causes = {e.get("cause") for e in events if e.get("backend") == "fga"}
+    assert {"status_5xx", "malformed", "timeout"} <= causes, causes
 
 
 def test_redis_going_away_never_fails_a_request(stack: Stack, redis: RedisServer) -> None:
