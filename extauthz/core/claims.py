@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
@@ -54,29 +52,49 @@ def _find(node: Mapping[str, Any], rest: str, name: str, out: list[Flat]) -> Non
         dot = rest.find(".", dot + 1)
 
 
-@dataclass(frozen=True)
 class Claims:
     """The verified token payload, cached with its token; views of it are made when a rule needs them.
 
     Only the payload is kept for every cached token: the flattened view is built
     on the first rule that scans claim names, and a rule naming one claim
-    exactly (``^sub$``) reads it straight from the payload.
+    exactly (``^sub$``) reads it straight from the payload. Slots, with the
+    views and memos filled in on first use: ten thousand cached tokens each
+    hold one of these, and an attribute dict per token cost ~1.5 MB of them.
     """
 
-    payload: Mapping[str, Any]
-    provider: str = ""
+    __slots__ = ("_first", "_flat", "_more", "payload", "provider")
+
+    def __init__(self, payload: Mapping[str, Any], provider: str = "") -> None:
+        self.payload = payload
+        self.provider = provider
+        self._flat: tuple[Flat, ...] | None = None
+        self._first: tuple[object, Any] | None = None
+        self._more: dict[int, tuple[object, Any]] | None = None
+
+    def __repr__(self) -> str:
+        return f"Claims(payload={self.payload!r}, provider={self.provider!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Claims):
+            return NotImplemented
+        return (self.payload, self.provider) == (other.payload, other.provider)
+
+    def __hash__(self) -> int:  # consistent with __eq__ (the payload, a dict, has no hash of its own)
+        return hash(self.provider)
 
     @classmethod
     def of(cls, payload: Mapping[str, Any], provider: str = "") -> Claims:
         return cls(payload, provider)
 
-    @cached_property
+    @property
     def flat(self) -> tuple[Flat, ...]:
         """Every claim as (dotted name, values), nested objects included, for patterns over claim names."""
-        out: list[Flat] = []
-        for key, value in self.payload.items():
-            _flatten(str(key), value, out)
-        return tuple(out)
+        if self._flat is None:
+            out: list[Flat] = []
+            for key, value in self.payload.items():
+                _flatten(str(key), value, out)
+            self._flat = tuple(out)
+        return self._flat
 
     def named(self, name: str) -> list[Flat]:
         """The entries of ``flat`` called exactly ``name`` (a key ``"a.b"`` and ``{"a": {"b": ...}}`` both are)."""
@@ -90,30 +108,29 @@ class Claims:
         For results derived from these claims alone (a request's upstream
         mutations), computed once per verified token rather than per request.
         Each result keeps its owner alive, so an owner is found by identity.
-        Most tokens only ever have one owner: it is kept in the instance, and a
-        dict is made only for a second one (every cached token holds these).
+        Most tokens only ever have one owner: it is kept in a slot, and a dict
+        is made only for a second one.
         """
         if not self.payload:  # the shared anonymous claims would keep every policy's owners alive
             return compute(owner, self)
-        state = self.__dict__
-        first = state.get("_first")
+        first = self._first
         if first is not None and first[0] is owner:
             return cast(T, first[1])
-        more: dict[int, tuple[object, Any]] | None = state.get("_more")
+        more = self._more
         if more is not None:
             hit = more.get(id(owner))
             if hit is not None and hit[0] is owner:
                 return cast(T, hit[1])
         value = compute(owner, self)
         if first is None:
-            state["_first"] = (owner, value)
+            self._first = (owner, value)
         else:
             if more is None:
-                more = state["_more"] = {}
+                more = self._more = {}
             more[id(owner)] = (owner, value)
         return value
 
-    @cached_property
+    @property
     def sub(self) -> str | None:
         sub = self.payload.get("sub")
         return sub if isinstance(sub, str) else None
