@@ -14,10 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import free_port, wait_http
 from extauthz.server.workers import available_cpus, cgroup_cpu_limit
 from tests.e2e.k8s_pods import container, container_env, objects, pod_spec, quantity
+from tests.e2e.ops_stack import alive, http_get, wait_until
 
 POLICY = """
 providers:
@@ -48,23 +48,6 @@ proxies:
 """
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting to be reaped."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 @dataclass
 class Sidecar:
     process: subprocess.Popen[bytes]
@@ -74,11 +57,7 @@ class Sidecar:
     policy: Path
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(self.metrics_port, path)
 
     def readyz(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.get("/readyz")[1])

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,6 +26,31 @@ from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import Envoy, Ports, free_port, render_envoy_config, wait_http
 from extauthz.demo.upstream import SampleApi
 from tests.e2e.stack import Response
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET a sidecar's metrics/health port: status and body, error statuses included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -52,11 +78,7 @@ class OpsStack:
             conn.close()
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(self.metrics_port, path)
 
     def readyz(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.get("/readyz")[1])

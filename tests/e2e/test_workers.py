@@ -14,13 +14,12 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.ops_stack import OpsStack, ops_stack
+from tests.e2e.ops_stack import OpsStack, alive, ops_stack, wait_until
 
 pytestmark = pytest.mark.envoy
 
@@ -51,20 +50,6 @@ def spread_connections(config: dict[str, Any]) -> None:
             options.setdefault("common_http_protocol_options", {})["max_requests_per_connection"] = 20
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting to be reaped."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
 
 
 def per_worker(stack: OpsStack) -> dict[str, float]:
