@@ -72,12 +72,11 @@ def _serve(args: argparse.Namespace) -> int:
             run_loop(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
                            args.watch_interval, http_authz_address=args.http_address, policy=workers))
         else:
-            import structlog
-
+            from extauthz.observability.logging import bind_process
             from extauthz.server.workers import WorkerLink, line_atomic_stderr
 
             line_atomic_stderr()
-            structlog.contextvars.bind_contextvars(worker=args.worker_of.index)
+            bind_process(worker=args.worker_of.index)
             run_loop(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
                            args.watch_interval, worker=WorkerLink(args.worker_of),
                            http_authz_address=args.http_address))

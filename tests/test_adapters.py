@@ -18,11 +18,13 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from extauthz.core.decision import Code, Decision, Mutations
+from extauthz.core.decision import Code, Decision, Mutations, new_decision_id
 from extauthz.core.handoff import Handoff
 from extauthz.policy.loader import parse_policy
-from extauthz.server.authorization import OVERWRITE, to_request, to_response
+from extauthz.server.authorization import OVERWRITE, encode_response, to_request, to_response
 from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
 from extauthz.server.processing import ExternalProcessorServicer, to_handoff
@@ -95,6 +97,35 @@ def test_a_denial_is_a_status_with_a_json_body_and_its_challenge() -> None:
                                        "decisionId": "d-2"}  # the reason stays in the log
 
 
+_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+_names = st.from_regex(r"\A[a-z][a-z0-9-]{0,20}\Z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    allowed=st.booleans(),
+    decision_id=st.one_of(st.builds(lambda _: new_decision_id(), st.none()), _text),
+    set_headers=st.lists(st.tuples(_names, _text), max_size=4),
+    remove_headers=st.lists(_names, max_size=3),
+    remove_query=st.lists(_names, max_size=2),
+    filter_values=st.none() | st.dictionaries(_names, _text, max_size=3),
+)
+def test_the_served_bytes_are_the_message_to_response_builds(
+    allowed: bool, decision_id: str, set_headers: list[tuple[str, str]], remove_headers: list[str],
+    remove_query: list[str], filter_values: dict[str, str] | None,
+) -> None:
+    """Allows are served from cached bytes plus appended fields; they must parse to exactly ``to_response``'s
+    message, or Envoy would get other headers than the decision says."""
+    mutations = Mutations(tuple(set_headers), tuple(remove_headers), tuple(remove_query))
+    metadata = {} if filter_values is None else Handoff(
+        decision_id, "orders", "digest", ("GET",), ("/v1/orders",), "api", (filter_values,)).to_metadata()
+    decision = Decision(allowed, 200 if allowed else 403, Code.ALLOWED if allowed else Code.FORBIDDEN, "why",
+                        decision_id, "orders", mutations=mutations, metadata=metadata)
+    for _ in range(2):  # the first call fills the cache of serialised mutations, the second reads it
+        served = external_auth_pb2.CheckResponse.FromString(encode_response(decision))
+        assert served == to_response(decision)
+
+
 # --- ext_proc -------------------------------------------------------------------------------
 
 POLICY = parse_policy("""
@@ -144,6 +175,16 @@ def exchange(*messages: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
 
 def set_headers(mutation: pb.HeaderMutation) -> dict[str, str]:
     return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+def test_the_stream_ends_once_the_response_is_answered() -> None:
+    """Envoy needs nothing after the last answer: the call ends with OK rather than waiting for Envoy's close
+    (messages after it get no answer; Envoy sends none in the shipped config)."""
+    blocked = exchange(headers_message(200, {"content-type": "text/plain"}), body_message(BODY))
+    assert [a.WhichOneof("response") for a in blocked] == ["immediate_response"]  # not JSON: refused at once
+    buffered = headers_message(200, {"content-type": "application/json", "content-length": str(len(BODY))})
+    answers = exchange(buffered, body_message(BODY), body_message(BODY))
+    assert [a.WhichOneof("response") for a in answers] == ["response_headers", "response_body"]
 
 
 def test_a_sized_body_is_buffered_and_its_length_replaced() -> None:

@@ -64,6 +64,8 @@ class _ProxyFacts:
     """The rules as compiled tests (the serving path of policies without relationship conditions)."""
     static_scopes: bool
     """No filter's path scope has variables: whether one may apply is known before any value is resolved."""
+    reasons: Mapping[int, str]
+    """What a decision by each rule says (``rule #2 (allow): notes``), by rule index."""
 
     @classmethod
     def of(cls, policy: Policy, proxy: Proxy) -> _ProxyFacts:
@@ -71,8 +73,11 @@ class _ProxyFacts:
         named: set[str] = set()
         for methods in (*(r.methods for r in proxy.rules), *(p.methods for p in proxy.public_paths)):
             named.update(methods or ())
+        reasons = {r.index: f"rule #{r.index} ({r.effect.value})" + (f": {r.notes}" if r.notes else "")
+                   for r in proxy.rules}
         return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS), compile_rules(proxy),
-                   all(f.path is None or not f.path.variables for f in proxy.filters))
+                   all(f.path is None or not f.path.variables for f in proxy.filters),
+                   MappingProxyType(reasons))
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,7 @@ class Authorizer:
     def _respond(self, check: _Check, claims: Claims, found: FoundToken, verdict: Verdict) -> Decision:
         """Response: the verdict as Envoy's answer (a monitored deny is an allow that says so)."""
         proxy, rule = check.proxy, verdict.rule
-        why = f"rule #{rule.index} ({rule.effect.value})" + (f": {rule.notes}" if rule.notes else "") \
-            if rule else f"default {proxy.default_effect.value}"
+        why = check.facts.reasons[rule.index] if rule else f"default {proxy.default_effect.value}"
         if verdict.effect is Effect.DENY and proxy.mode is not Mode.MONITOR:
             return Decision(False, 403, Code.FORBIDDEN, why, check.decision_id, proxy.name, rule, claims,
                             trace=verdict.trace, policy=self.policy.digest)

@@ -47,6 +47,10 @@ MESSAGES: Mapping[str, str] = {
 }
 
 
+DECISION_ID_LENGTH = 36
+"""Every decision id's length (a UUID's text form): the gRPC adapter serialises around it."""
+
+
 def new_decision_id() -> str:
     """A random (version 4) UUID in its usual text form, at a quarter of ``str(uuid.uuid4())``'s cost."""
     raw = bytearray(os.urandom(16))

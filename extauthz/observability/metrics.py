@@ -10,6 +10,7 @@ runtime (readiness, key ages) are the supervisor's own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -17,6 +18,24 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+_CHILDREN: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
+_MAX_CHILDREN = 4096  # label values are few (proxies x codes x rules x phases); a bound all the same
+
+
+def child(metric: Counter | Histogram, *values: str) -> Any:
+    """``metric.labels(*values)``, remembered: on the request path, looking a child up cost more than counting.
+
+    Only for counters and histograms, which never drop their children (a cleared
+    gauge would leave a stale child here).
+    """
+    key = (metric, values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        if len(_CHILDREN) >= _MAX_CHILDREN:
+            _CHILDREN.clear()
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
 
 
 class _ReplacedGauge(Gauge):

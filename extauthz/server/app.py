@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 import structlog
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from extauthz.observability import metrics
 from extauthz.observability.http import ObservabilityServer
-from extauthz.server.authorization import AuthorizationServicer
+from extauthz.server import authorization
 from extauthz.server.http_authorization import HttpAuthorizationServer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
@@ -54,9 +53,7 @@ class Server:
         self.grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 8 << 20)]
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(sidecar.authorizer), self.grpc
-        )
+        authorization.add_to_server(authorization.AuthorizationServicer(sidecar.authorizer), self.grpc)
         # Response filtering; the policy is read per stream so a reload applies to the next response.
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorServicer(lambda: sidecar.runtime.policy), self.grpc

@@ -5,6 +5,12 @@ Thin on purpose (like OPA-Envoy's): protobufs are turned into a plain
 is turned back into protobufs. Any exception here becomes a denial. The HTTP
 transport (:mod:`extauthz.server.http_authorization`) does the same with
 HTTP/1.1 messages; what both do around a Check is in :mod:`extauthz.server.checks`.
+
+Allows, nearly every answer, are served as bytes (:func:`encode_response`): the
+part that depends on the upstream mutations is serialised by protobuf once per
+:class:`Mutations` and reused, and the per-request decision id and hand-off are
+appended as further fields of the same message, which protobuf's wire format
+merges. Building the message object on every Check cost more than deciding.
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.authorizer import Authorizer
-from extauthz.core.decision import Decision
+from extauthz.core.decision import DECISION_ID_LENGTH, Decision, Mutations
 from extauthz.core.request import HttpRequest
 from extauthz.server.checks import NO_REQUEST, failed, record
 from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
@@ -66,20 +72,23 @@ def _add_header(headers: Any, name: str, value: str) -> None:
     option.append_action = OVERWRITE
 
 
+def _allow(mutations: Mutations) -> external_auth_pb2.CheckResponse:
+    """Status OK and the upstream mutations."""
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = code_pb2.OK
+    ok = response.ok_response
+    for name, value in mutations.set_headers:
+        _add_header(ok.headers, name, value)
+    ok.headers_to_remove.extend(mutations.remove_headers)
+    ok.query_parameters_to_remove.extend(mutations.remove_query_params)
+    return response
+
+
 def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     if decision.allowed:
         # Filled in place: building the same message from nested constructors cost twice as much per allow.
-        m = decision.mutations
-        response = external_auth_pb2.CheckResponse()
-        response.status.code = code_pb2.OK
-        ok = response.ok_response
-        for name, value in m.set_headers:
-            _add_header(ok.headers, name, value)
-        if m.remove_headers:
-            ok.headers_to_remove.extend(m.remove_headers)
-        if m.remove_query_params:
-            ok.query_parameters_to_remove.extend(m.remove_query_params)
-        _add_header(ok.response_headers_to_add, "x-extauthz-decision-id", decision.decision_id)
+        response = _allow(decision.mutations)
+        _add_header(response.ok_response.response_headers_to_add, "x-extauthz-decision-id", decision.decision_id)
         if decision.metadata:
             # One string, as the HTTP transport sends it: a Struct of the same fields cost ~40 µs to build
             # here and as much to read back in the response phase; this costs a few.
@@ -98,23 +107,82 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """``envoy.service.auth.v3.Authorization``; the authorizer is looked up per call (hot reload)."""
+def _decision_id_field() -> tuple[bytes, bytes]:
+    """The serialised ``ok_response.response_headers_to_add`` entry before and after its decision id.
+
+    Every length prefix around the id is fixed when the id has its fixed length,
+    so both parts are the same for every Check; protobuf writes them from a
+    template, and the template's id marks where to cut.
+    """
+    marker = "".join(str(i % 10) for i in range(DECISION_ID_LENGTH))
+    template = external_auth_pb2.CheckResponse()
+    _add_header(template.ok_response.response_headers_to_add, "x-extauthz-decision-id", marker)
+    wire = template.SerializeToString()
+    head, found, tail = wire.partition(marker.encode())
+    if not found or marker.encode() in tail:
+        raise AssertionError("the decision id template does not serialise to one copy of its id")
+    return head, tail
+
+
+_DECISION_ID_HEAD, _DECISION_ID_TAIL = _decision_id_field()
+_ALLOW_HEADS: dict[Mutations, bytes] = {}
+_MAX_ALLOW_HEADS = 1024  # one per distinct set of mutations (per caller when identity headers differ)
+
+
+def _allow_head(mutations: Mutations) -> bytes:
+    """:func:`_allow`, serialised once per distinct :class:`Mutations`."""
+    head = _ALLOW_HEADS.get(mutations)
+    if head is None:
+        head = _allow(mutations).SerializeToString()
+        if len(_ALLOW_HEADS) >= _MAX_ALLOW_HEADS:
+            _ALLOW_HEADS.clear()
+        _ALLOW_HEADS[mutations] = head
+    return head
+
+
+def encode_response(decision: Decision) -> bytes:
+    """The serialised CheckResponse, the same message as ``to_response(decision)`` (a property test holds both)."""
+    decision_id = decision.decision_id
+    if not decision.allowed or len(decision_id) != DECISION_ID_LENGTH or not decision_id.isascii():
+        return bytes(to_response(decision).SerializeToString())
+    wire = _allow_head(decision.mutations) + _DECISION_ID_HEAD + decision_id.encode() + _DECISION_ID_TAIL
+    if decision.metadata:
+        metadata = external_auth_pb2.CheckResponse()
+        metadata.dynamic_metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
+        wire += metadata.SerializeToString()
+    return wire
+
+
+class AuthorizationServicer:
+    """``envoy.service.auth.v3.Authorization``; the authorizer is looked up per call (hot reload).
+
+    Registered with :func:`add_to_server`, whose handler passes :meth:`Check`'s
+    bytes to gRPC as they are.
+    """
 
     def __init__(self, authorizer: Callable[[], Authorizer]) -> None:
         self._authorizer = authorizer
 
     async def Check(  # noqa: N802 - gRPC method name
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> external_auth_pb2.CheckResponse:
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
+    ) -> bytes:
         started = time.perf_counter()
         http = NO_REQUEST
         try:
             http = to_request(request)
             decision = await self._authorizer().check(http)
-            response = to_response(decision)
+            response = encode_response(decision)
         except Exception as exc:  # noqa: BLE001 - logged by failed(): any error denies
             decision = failed(exc)
-            response = to_response(decision)
+            response = encode_response(decision)
         record(decision, http, started)
         return response
+
+
+def add_to_server(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
+    """As the generated ``add_AuthorizationServicer_to_server``, with the response already serialised."""
+    handlers = {"Check": grpc.unary_unary_rpc_method_handler(
+        servicer.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString)}
+    service = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]  # not in the stubs yet

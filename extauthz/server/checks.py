@@ -11,7 +11,6 @@ the same whichever transport Envoy uses.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import structlog
 
@@ -38,21 +37,10 @@ def failed(exc: Exception) -> Decision:
     return internal_error(reason)
 
 
-# The decisions counter's children by label values: looking one up costs more than counting.
-_COUNTERS: dict[tuple[str, str, str, str], Any] = {}
-_MAX_COUNTERS = 4096  # label values are few (proxies x codes x rules); a bound all the same
-
-
 def record(decision: Decision, request: HttpRequest, started: float) -> None:
     """Time, count and log one answered Check (``started`` is a ``time.perf_counter()`` reading)."""
     elapsed = time.perf_counter() - started
     metrics.check_latency.observe(elapsed)
-    key = (decision.proxy, "allow" if decision.allowed else "deny", decision.code,
-           str(decision.rule.index) if decision.rule else "default")
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        if len(_COUNTERS) >= _MAX_COUNTERS:
-            _COUNTERS.clear()
-        counter = _COUNTERS[key] = metrics.decisions.labels(*key)
-    counter.inc()
+    metrics.child(metrics.decisions, decision.proxy, "allow" if decision.allowed else "deny", decision.code,
+                  str(decision.rule.index) if decision.rule else "default").inc()
     log_decision(decision, request, int(elapsed * 1_000_000))

@@ -48,6 +48,7 @@ from extauthz.filtering.codec import BlockCode, Unfilterable
 from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, ResponseHead, ResponsePlan, plan_response
 from extauthz.observability import metrics
+from extauthz.observability.logging import log_info
 from extauthz.policy.model import Policy
 from extauthz.server.handoff_header import HANDOFF_HEADER, decode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
@@ -185,13 +186,17 @@ class _Exchange:
         self.policy = policy
         self.plan = ResponsePlan(Action.PASS)
         self.body_seen = False
+        self.done = False
+        """Nothing more to answer: the response is passed, blocked, or its body answered."""
 
     async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         phase = message.WhichOneof("request") or ""
         if phase == "response_headers":
-            return self._on_headers(message)
+            answer = self._on_headers(message)
+            self.done = self.plan.action is not Action.BUFFER
+            return answer
         if phase == "response_body" and self.plan.action is Action.BUFFER:
-            self.body_seen = True
+            self.body_seen = self.done = True
             return await self._on_body(message.response_body)
         return _continue(phase)
 
@@ -206,14 +211,14 @@ class _Exchange:
             self._record_block(code, self.plan.detail, 0)
             return blocked(code, self.plan.decision_id)
         if action is Action.STRIP_LENGTH:
-            metrics.filter_outcomes.labels(self.plan.proxy, "filtered", "").inc()
+            metrics.child(metrics.filter_outcomes, self.plan.proxy, "filtered", "").inc()
             mutation = pb.HeaderMutation(set_headers=[_PRIVATE],
                                          remove_headers=["content-length", *REPRESENTATION_HEADERS])
             return pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
             )
         if self.plan.proxy:
-            metrics.filter_outcomes.labels(self.plan.proxy, "passed", "").inc()
+            metrics.child(metrics.filter_outcomes, self.plan.proxy, "passed", "").inc()
         return _continue("response_headers")
 
     async def _on_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -227,14 +232,15 @@ class _Exchange:
             self._record_block(exc.code, exc.detail, len(data))
             return blocked(exc.code, self.plan.decision_id)
         proxy = self.plan.proxy
-        metrics.filtered_bytes.labels(proxy, "upstream").inc(result.decoded_bytes)
-        metrics.filtered_bytes.labels(proxy, "client").inc(len(result.body))
-        metrics.filter_outcomes.labels(proxy, "filtered", "").inc()
-        log.info("response_filtered", decision_id=self.plan.decision_id, proxy=proxy,
-                 upstream_bytes=len(data), decoded_bytes=result.decoded_bytes, client_bytes=len(result.body),
-                 filters=[b.filter.index for b in self.plan.filters],
-                 unresolved_operations={b.filter.index: list(b.unresolved) for b in self.plan.filters if b.unresolved}
-                 or None)
+        metrics.child(metrics.filtered_bytes, proxy, "upstream").inc(result.decoded_bytes)
+        metrics.child(metrics.filtered_bytes, proxy, "client").inc(len(result.body))
+        metrics.child(metrics.filter_outcomes, proxy, "filtered", "").inc()
+        log_info("response_filtered", {
+            "decision_id": self.plan.decision_id, "proxy": proxy, "upstream_bytes": len(data),
+            "decoded_bytes": result.decoded_bytes, "client_bytes": len(result.body),
+            "filters": [b.filter.index for b in self.plan.filters],
+            "unresolved_operations": {b.filter.index: list(b.unresolved) for b in self.plan.filters if b.unresolved}
+            or None})
         removed = [h for h in REPRESENTATION_HEADERS if h != "content-encoding" or self.plan.encodings]
         if self.plan.declared_length is None:
             mutation = pb.HeaderMutation(set_headers=[_PRIVATE], remove_headers=["content-length", *removed])
@@ -247,7 +253,7 @@ class _Exchange:
         )))
 
     def _record_block(self, code: BlockCode, detail: str, size: int) -> None:
-        metrics.filter_outcomes.labels(self.plan.proxy, "blocked", code).inc()
+        metrics.child(metrics.filter_outcomes, self.plan.proxy, "blocked", code).inc()
         log.warning("response_blocked", decision_id=self.plan.decision_id, proxy=self.plan.proxy,
                     code=code, detail=detail, upstream_bytes=size or None)
 
@@ -273,14 +279,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 # Fail closed: an error in here must never let the body through unfiltered.
                 log.exception("extproc_failed", phase=phase, error=f"{type(exc).__name__}: {exc}",
                               decision_id=exchange.plan.decision_id)
-                metrics.filter_outcomes.labels(exchange.plan.proxy, "blocked", BlockCode.FILTER_ERROR).inc()
+                metrics.child(metrics.filter_outcomes, exchange.plan.proxy, "blocked", BlockCode.FILTER_ERROR).inc()
                 response = blocked(BlockCode.FILTER_ERROR, exchange.plan.decision_id)
-            metrics.extproc_latency.labels(phase).observe(time.perf_counter() - started)
+            metrics.child(metrics.extproc_latency, phase).observe(time.perf_counter() - started)
             yield response
+            if exchange.done:
+                # End the call with OK now rather than when Envoy closes its side: Envoy has what it needs, and
+                # a status sent after Envoy reset the stream leaks grpc.aio's batch (~100 bytes per stream).
+                return
         if exchange.plan.action is Action.BUFFER and not exchange.body_seen:
             # Either the exchange was cut short (client or upstream reset), or Envoy
             # ignored the mode override (allow_mode_override off) and streamed the body.
             log.warning("filtered_body_not_received", decision_id=exchange.plan.decision_id,
                       proxy=exchange.plan.proxy,
                       hint="if this repeats, check allow_mode_override: true on the ext_proc filter")
-            metrics.filter_outcomes.labels(exchange.plan.proxy, "body_not_received", "").inc()
+            metrics.child(metrics.filter_outcomes, exchange.plan.proxy, "body_not_received", "").inc()

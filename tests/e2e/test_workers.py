@@ -121,7 +121,10 @@ def test_both_workers_answer_and_metrics_are_totals(tmp_path: Path) -> None:
     # Three processes share stderr, and each log line still arrives whole.
     lines = [line for line in stack.log_path.read_text().splitlines() if line]
     assert all(json.loads(line) for line in lines)
-    assert {e.get("worker") for e in map(json.loads, lines) if e.get("event") == "listening"} == {0, 1}
+    events = [json.loads(line) for line in lines]
+    assert {e.get("worker") for e in events if e.get("event") == "listening"} == {0, 1}
+    # The per-request lines (written without structlog) name their worker too.
+    assert {e.get("worker") for e in events if e.get("event") in ("decision", "response_filtered")} == {0, 1}
 
 
 def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(tmp_path: Path) -> None:
