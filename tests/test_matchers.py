@@ -115,3 +115,41 @@ def test_a_claim_named_exactly_is_found_as_the_flattened_scan_finds_it(payload: 
 
     claims = Claims.of(payload)
     assert sorted(claims.named(name), key=repr) == sorted((e for e in claims.flat if e[0] == name), key=repr)
+
+
+@st.composite
+def templates(draw: st.DrawFn) -> str:
+    """A pattern from the same pieces with ``{{x}}``/``{{y}}`` among them, a quantifier sometimes right after."""
+    source = draw(patterns())
+    pieces = [source[:i] for i in range(len(source) + 1)]
+    cut = len(draw(st.sampled_from(pieces)))
+    variable = draw(st.sampled_from(["{{x}}", "{{y}}", "{{x}}?", "({{x}}|a)", "{{x}}{{y}}"]))
+    return source[:cut] + variable + source[cut:]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(templates(), st.text(ALPHABET + "*(|)[", max_size=5), st.text(ALPHABET, max_size=3),
+       st.lists(st.text(ALPHABET, max_size=10), min_size=1, max_size=6))
+def test_a_bound_placeholder_pattern_answers_as_re2_does_on_the_escaped_source(
+        source: str, x: str, y: str, texts: list[str]) -> None:
+    """Bound without RE2 or the cache where only the values are not literal: RE2's answers all the same."""
+    try:
+        pattern = Pattern.parse(source)
+    except ValueError:
+        return
+    filled = source.replace("{{x}}", re.escape(x)).replace("{{y}}", re.escape(y))
+    try:
+        re2.compile(filled)
+    except re2.error:
+        return  # an empty value before a quantifier: nothing to compare with
+    matcher = pattern.bind({"x": x, "y": y})
+    assert matcher is not None
+    for text in [*texts, x, y, x + y, "/" + x + "/", filled.strip("^$").replace("\\", "")]:
+        assert matcher.matches(text) == re2_says(filled, text), (source, x, y, text, type(matcher).__name__)
+
+
+def test_placeholder_patterns_that_are_literal_around_their_values_bind_without_the_cache() -> None:
+    assert Pattern.parse("^{{sub}}$")._literal is not None
+    assert Pattern.parse("^/v1/users/{{id}}/?$")._literal is not None
+    assert Pattern.parse("^{{sub}}?$")._literal is None  # the ? reaches into the value's last character
+    assert Pattern.parse("^/v1/{{id}}/[0-9]+$")._literal is None

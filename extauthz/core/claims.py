@@ -62,13 +62,14 @@ class Claims:
     hold one of these, and an attribute dict per token cost ~1.5 MB of them.
     """
 
-    __slots__ = ("_first", "_flat", "_more", "payload", "provider")
+    __slots__ = ("_flat", "_more", "_owner", "_value", "payload", "provider")
 
     def __init__(self, payload: Mapping[str, Any], provider: str = "") -> None:
         self.payload = payload
         self.provider = provider
         self._flat: tuple[Flat, ...] | None = None
-        self._first: tuple[object, Any] | None = None
+        self._owner: object | None = None
+        self._value: Any = None
         self._more: dict[int, tuple[object, Any]] | None = None
 
     def __repr__(self) -> str:
@@ -108,22 +109,21 @@ class Claims:
         For results derived from these claims alone (a request's upstream
         mutations), computed once per verified token rather than per request.
         Each result keeps its owner alive, so an owner is found by identity.
-        Most tokens only ever have one owner: it is kept in a slot, and a dict
-        is made only for a second one.
+        Most tokens only ever have one owner: it and its result are kept in two
+        slots, and a dict is made only for a second one.
         """
         if not self.payload:  # the shared anonymous claims would keep every policy's owners alive
             return compute(owner, self)
-        first = self._first
-        if first is not None and first[0] is owner:
-            return cast(T, first[1])
+        if self._owner is owner:
+            return cast(T, self._value)
         more = self._more
         if more is not None:
             hit = more.get(id(owner))
             if hit is not None and hit[0] is owner:
                 return cast(T, hit[1])
         value = compute(owner, self)
-        if first is None:
-            self._first = (owner, value)
+        if self._owner is None:
+            self._owner, self._value = owner, value
         else:
             if more is None:
                 more = self._more = {}

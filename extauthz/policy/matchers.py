@@ -18,6 +18,7 @@ text, as in RE2 (not Python's "end or before a final newline").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import re2
@@ -103,8 +104,12 @@ class Re2Program:
 _UNANCHORED: Any = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", 0)
 
 
-def literal_matcher(source: str) -> Matcher | None:
-    """The string-operation matcher exactly equivalent to ``source``, or None when it needs RE2."""
+LiteralForm = tuple[Callable[[tuple[str, ...]], Matcher], tuple[str, ...]]
+"""How a literal pattern matches (:class:`Exact`, :class:`Prefix`, ...) and the strings it denotes."""
+
+
+def literal_form(source: str) -> LiteralForm | None:
+    """``source`` as a string-operation matcher's kind and strings, or None when it needs RE2."""
     anchored_start = source.startswith("^")
     body = source[1:] if anchored_start else source
     anchored_end = body.endswith("$") and not _escaped_at(body, len(body) - 1)
@@ -121,12 +126,22 @@ def literal_matcher(source: str) -> Matcher | None:
         return None  # '^a|b' anchors only its first branch
     strings = tuple(sorted(alternatives))
     if anchored_start and anchored_end:
-        return Exact(frozenset(strings))
+        return _exact, strings
     if anchored_start:
-        return Prefix(strings)
+        return Prefix, strings
     if anchored_end:
-        return Suffix(strings)
-    return Contains(strings)
+        return Suffix, strings
+    return Contains, strings
+
+
+def literal_matcher(source: str) -> Matcher | None:
+    """The string-operation matcher exactly equivalent to ``source``, or None when it needs RE2."""
+    form = literal_form(source)
+    return None if form is None else form[0](form[1])
+
+
+def _exact(strings: tuple[str, ...]) -> Matcher:
+    return Exact(frozenset(strings))
 
 
 def _escaped_at(text: str, index: int) -> bool:
