@@ -50,6 +50,7 @@ from bench.harness import (
     envoy_counts,
     in_parallel,
     machine_facts,
+    require_wrk,
     rss_mb,
     started,
     wrk,
@@ -707,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--update-docs", action="store_true", help=f"also put the table into {DOCS.name}")
     args = parser.parse_args(argv)
+    require_wrk(parser)
     args.duration = args.duration or (1 if args.smoke else 10)
     args.connections = args.connections or (4 if args.smoke else 16)
     wanted = [n.strip() for n in args.only.split(",")] if args.only else ORDER

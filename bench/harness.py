@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -148,6 +150,12 @@ COUNTERS = {
 def envoy_counts(envoy: Envoy) -> dict[str, int]:
     stats = envoy.stats()
     return {name: stats.get(stat, 0) for name, stat in COUNTERS.items()}
+
+
+def require_wrk(parser: argparse.ArgumentParser) -> None:
+    """Stop with a usable message, not a traceback, where wrk is missing (``make bench`` installs it)."""
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed: run `make bench` (it installs wrk) or `apt-get install wrk`")
 
 
 def machine_facts(command: str) -> dict[str, str]:

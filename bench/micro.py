@@ -13,6 +13,9 @@ are per-call figures, not averages of batches:
   it is for a returning caller), the JWKS inline (no network).
 - ``check_filtered_route``: the same on ``/v1/orders``, where the orders
   filter applies and the Check also prepares the response phase's hand-off.
+- ``check_grpc``: what the gRPC servicer does per Check around that decision:
+  Envoy's serialised CheckRequest parsed, the decision, the answer serialised,
+  the decision log line written (to /dev/null) and the metrics counted.
 - ``rules``: rule evaluation alone (``core.rules.evaluate``) on verified claims.
 - ``filter_engine_10k``: the orders filter bound to the caller and applied to
   the parsed ~10 KB document.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +37,7 @@ from typing import Any
 import httpx
 import orjson
 import pyperf  # type: ignore[import-untyped]
+from envoy.service.auth.v3 import external_auth_pb2
 
 from bench.workloads import CALLER, ORDERS_BYTES, ORDERS_FILTER, orders_document, seed_policy
 from extauthz.core.authorizer import Authorizer
@@ -46,9 +51,10 @@ from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import Action, ResponsePlan
 from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.policy.loader import load_filter, parse_policy
+from extauthz.server.authorization import AuthorizationServicer
 
 ISSUER = "https://idp.bench"
-NAMES = ["check", "check_filtered_route", "rules", "filter_engine_10k", "filter_body_10k"]
+NAMES = ["check", "check_filtered_route", "check_grpc", "rules", "filter_engine_10k", "filter_body_10k"]
 
 
 class Workload:
@@ -65,6 +71,9 @@ class Workload:
         headers = {"authorization": f"Bearer {token}"}
         context = {"proxy": "orders-api"}
         self.products = HttpRequest.from_target("GET", "/v1/products/1", headers=headers, context=context)
+        self.servicer = AuthorizationServicer(lambda: self.authorizer)
+        self.check_request = check_request_bytes("/v1/products/1", headers["authorization"])
+        self.log_sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker process
         self.orders = HttpRequest.from_target("GET", "/v1/orders", headers=headers, context=context)
         self.verified = Claims.of(self.claims, "idp")
         self.proxy = self.policy.proxies[0]
@@ -79,6 +88,8 @@ class Workload:
         for decision in (self.run(self.check()), self.run(self.check_filtered_route())):  # the cache is now warm
             if not decision.allowed:
                 raise SystemExit(f"the benchmark request is not allowed: {decision}")
+        if external_auth_pb2.CheckResponse.FromString(self.run(self.check_grpc())).status.code != 0:
+            raise SystemExit("the benchmark CheckRequest is not allowed")
         if self.run(self.rules()).rule is None:
             raise SystemExit("no rule matched the benchmark request")
 
@@ -96,6 +107,13 @@ class Workload:
     async def check_filtered_route(self) -> Decision:
         return await self.authorizer.check(self.orders)
 
+    async def check_grpc(self) -> bytes:
+        saved, sys.stderr = sys.stderr, self.log_sink
+        try:
+            return await self.servicer.Check(external_auth_pb2.CheckRequest.FromString(self.check_request), None)
+        finally:
+            sys.stderr = saved
+
     async def rules(self) -> Verdict:
         return await evaluate(self.proxy, self.products, self.verified, self.no_relationships, False, self.compiled)
 
@@ -106,13 +124,30 @@ class Workload:
         return filter_body(self.plan, self.raw)
 
 
+def check_request_bytes(path: str, authorization: str) -> bytes:
+    """A CheckRequest as Envoy sends one for a plain GET through the shipped config, serialised."""
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.scheme, http.protocol, http.id = (
+        "GET", path, "localhost:10000", "http", "HTTP/1.1", "1234567890")
+    for name, value in {":authority": "localhost:10000", ":method": "GET", ":path": path, ":scheme": "http",
+                        "user-agent": "wrk", "authorization": authorization, "x-forwarded-proto": "http",
+                        "x-request-id": "0b1e2f6a-1111-2222-3333-444455556666"}.items():
+        http.headers[name] = value
+    request.attributes.context_extensions["proxy"] = "orders-api"
+    request.attributes.source.address.socket_address.address = "127.0.0.1"
+    request.attributes.destination.address.socket_address.address = "127.0.0.1"
+    return bytes(request.SerializeToString())
+
+
 def main() -> None:
     # workers re-run this module: as a module, so the repository root is on their path
     runner = pyperf.Runner(values=250, processes=8, warmups=50, loops=1, program_args=("-m", "bench.micro"))
     runner.metadata["description"] = __doc__.splitlines()[0]
     work = Workload()
     asyncs: dict[str, Callable[[], Awaitable[Any]]] = {
-        "check": work.check, "check_filtered_route": work.check_filtered_route, "rules": work.rules}
+        "check": work.check, "check_filtered_route": work.check_filtered_route, "check_grpc": work.check_grpc,
+        "rules": work.rules}
     results: dict[str, pyperf.Benchmark | None] = {}
     for name in NAMES:
         if name in asyncs:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.harness import WRK_SUMMARY, cpu_seconds, envoy_counts, machine_facts, rss_mb, started, wrk
+from bench.harness import WRK_SUMMARY, cpu_seconds, envoy_counts, machine_facts, require_wrk, rss_mb, started, wrk
 from bench.workloads import ORDERS_BYTES, seed_policy
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import REPO, Envoy, Ports, SidecarProcess, render_envoy_config
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    require_wrk(parser)
     command = "python -m bench.soak " + " ".join(sys.argv[1:] if argv is None else argv)
     facts = machine_facts(command.strip())
 

@@ -71,3 +71,14 @@ def test_soak_smoke_serves_distinct_callers_and_samples_the_sidecar_memory(tmp_p
     assert [s["requests"] for s in soak["samples"]] == sorted(s["requests"] for s in soak["samples"])
     assert "sidecar RSS after 2,000 requests" in (tmp_path / "soak.md").read_text()
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_microbenchmarks_workload_builds_and_every_benchmark_runs_once() -> None:
+    """``make bench-micro`` cannot rot either: each benchmark's setup holds (the Check allows, a rule matches)."""
+    from bench.micro import Workload
+
+    work = Workload()
+    assert work.run(work.check()).allowed and work.run(work.check_filtered_route()).allowed
+    assert work.run(work.check_grpc())  # a serialised CheckResponse; Workload checked it is an allow
+    assert work.run(work.rules()).rule is not None
+    assert work.filter_engine() and work.filter_body()
