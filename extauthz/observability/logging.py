@@ -175,13 +175,11 @@ def _write(fields: dict[str, Any]) -> None:
         # its descriptor, without a decode here and an encode in the text layer (a third of the write's cost).
         stream.flush()
         view = memoryview(line)
+        descriptor = stream.fileno()
         while view:
-            view = view[os.write(_STDERR_FD, view):]
+            view = view[os.write(descriptor, view):]
     else:  # redirected (a test runner, a CLI caller): write where it points now
         stream.write(line.decode())
-
-
-_STDERR_FD = 2
 
 
 def _timestamp() -> str:
