@@ -127,8 +127,12 @@ def templates(draw: st.DrawFn) -> str:
     return source[:cut] + variable + source[cut:]
 
 
+# Values may hold the private-use characters the literal templates are read with: they must stay plain text.
+MARKERS = "\ue000\ue001\ue100\ue101"
+
+
 @settings(max_examples=1500, deadline=None)
-@given(templates(), st.text(ALPHABET + "*(|)[", max_size=5), st.text(ALPHABET, max_size=3),
+@given(templates(), st.text(ALPHABET + "*(|)[" + MARKERS, max_size=5), st.text(ALPHABET + MARKERS, max_size=3),
        st.lists(st.text(ALPHABET, max_size=10), min_size=1, max_size=6))
 def test_a_bound_placeholder_pattern_answers_as_re2_does_on_the_escaped_source(
         source: str, x: str, y: str, texts: list[str]) -> None:
@@ -147,9 +151,3 @@ def test_a_bound_placeholder_pattern_answers_as_re2_does_on_the_escaped_source(
     for text in [*texts, x, y, x + y, "/" + x + "/", filled.strip("^$").replace("\\", "")]:
         assert matcher.matches(text) == re2_says(filled, text), (source, x, y, text, type(matcher).__name__)
 
-
-def test_placeholder_patterns_that_are_literal_around_their_values_bind_without_the_cache() -> None:
-    assert Pattern.parse("^{{sub}}$")._literal is not None
-    assert Pattern.parse("^/v1/users/{{id}}/?$")._literal is not None
-    assert Pattern.parse("^{{sub}}?$")._literal is None  # the ? reaches into the value's last character
-    assert Pattern.parse("^/v1/{{id}}/[0-9]+$")._literal is None

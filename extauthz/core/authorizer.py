@@ -64,8 +64,8 @@ class _ProxyFacts:
     """The rules as compiled tests (the serving path of policies without relationship conditions)."""
     static_scopes: bool
     """No filter's path scope has variables: whether one may apply is known before any value is resolved."""
-    reasons: Mapping[int, str]
-    """What a decision by each rule says (``rule #2 (allow): notes``), by rule index."""
+    reasons: Mapping[int | None, str]
+    """What a decision says: by rule index (``rule #2 (allow): notes``), and under None the default's."""
 
     @classmethod
     def of(cls, policy: Policy, proxy: Proxy) -> _ProxyFacts:
@@ -73,8 +73,9 @@ class _ProxyFacts:
         named: set[str] = set()
         for methods in (*(r.methods for r in proxy.rules), *(p.methods for p in proxy.public_paths)):
             named.update(methods or ())
-        reasons = {r.index: f"rule #{r.index} ({r.effect.value})" + (f": {r.notes}" if r.notes else "")
-                   for r in proxy.rules}
+        reasons: dict[int | None, str] = {
+            r.index: f"rule #{r.index} ({r.effect.value})" + (f": {r.notes}" if r.notes else "") for r in proxy.rules}
+        reasons[None] = f"default {proxy.default_effect.value}"
         return cls(Stripping.of(proxy, sources), frozenset(named - STANDARD_METHODS), compile_rules(proxy),
                    all(f.path is None or not f.path.variables for f in proxy.filters),
                    MappingProxyType(reasons))
@@ -162,7 +163,7 @@ class Authorizer:
     def _respond(self, check: _Check, claims: Claims, found: FoundToken, verdict: Verdict) -> Decision:
         """Response: the verdict as Envoy's answer (a monitored deny is an allow that says so)."""
         proxy, rule = check.proxy, verdict.rule
-        why = check.facts.reasons[rule.index] if rule else f"default {proxy.default_effect.value}"
+        why = check.facts.reasons[rule.index if rule else None]
         if verdict.effect is Effect.DENY and proxy.mode is not Mode.MONITOR:
             return Decision(False, 403, Code.FORBIDDEN, why, check.decision_id, proxy.name, rule, claims,
                             trace=verdict.trace, policy=self.policy.digest)

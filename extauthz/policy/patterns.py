@@ -261,11 +261,10 @@ class _LiteralTemplate:
                 for i, piece in enumerate(pieces) if i % 2 or piece))
         return cls(form[0], tuple(strings))
 
-    def bind(self, values: Mapping[str, str]) -> Matcher | None:
-        texts = [interpolate(parts, values, str) for parts in self._strings]
-        if any(text is None for text in texts):
-            return None
-        return self._build(tuple(t for t in texts if t is not None))
+    def bind(self, values: Mapping[str, str]) -> Matcher:
+        """The matcher for these values; the caller has checked that each is present and within the cap."""
+        return self._build(tuple("".join(values[text] if is_variable else text for is_variable, text in parts)
+                                 for parts in self._strings))
 
 
 @dataclass(frozen=True)

@@ -62,14 +62,14 @@ class RedisCache:
         if not keys:
             return {}
         if not self.available:
-            metrics.relationship_cache.labels("redis", "paused").inc(len(keys))
+            metrics.child(metrics.relationship_cache, "redis", "paused").inc(len(keys))
             return {}
         try:
             async with asyncio.timeout(self.timeout):
                 raw = await self._client.mget([PREFIX + key for key in keys])
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
-            metrics.relationship_cache.labels("redis", "error").inc(len(keys))
+            metrics.child(metrics.relationship_cache, "redis", "error").inc(len(keys))
             return {}
         self._ok()
         now_ms = time.time() * 1000
@@ -78,8 +78,8 @@ class RedisCache:
             parsed = _parse(value, now_ms)
             if parsed is not None:
                 found[key] = parsed
-        metrics.relationship_cache.labels("redis", "hit").inc(len(found))
-        metrics.relationship_cache.labels("redis", "miss").inc(len(keys) - len(found))
+        metrics.child(metrics.relationship_cache, "redis", "hit").inc(len(found))
+        metrics.child(metrics.relationship_cache, "redis", "miss").inc(len(keys) - len(found))
         return found
 
     def put(self, key: str, value: bool, ttl: float) -> None:

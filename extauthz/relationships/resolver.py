@@ -134,20 +134,20 @@ class Relationships:
             if query is None:
                 continue
             if isinstance(query, CheckQuery) and query.consistency is Consistency.HIGHER_CONSISTENCY:
-                metrics.relationship_cache.labels("memory", "bypass").inc()
+                metrics.child(metrics.relationship_cache, "memory", "bypass").inc()
                 q.wait = loop.create_future()
                 fetch.add(q.backend, _Ask(query, q.wait, shared=False))
                 continue
             cached = self.memory.get(query.key)
             if cached is not None:
-                metrics.relationship_cache.labels("memory", "hit").inc()
+                metrics.child(metrics.relationship_cache, "memory", "hit").inc()
                 q.answer = cached
                 continue
             q.wait = self._flight.join(query.key)
             if q.wait is not None:
-                metrics.relationship_cache.labels("memory", "in_flight").inc()
+                metrics.child(metrics.relationship_cache, "memory", "in_flight").inc()
                 continue
-            metrics.relationship_cache.labels("memory", "miss").inc()
+            metrics.child(metrics.relationship_cache, "memory", "miss").inc()
             q.wait = self._flight.lead(query.key)
             lookups.append((q, _Ask(query, q.wait, shared=True)))
         if lookups:
@@ -250,7 +250,7 @@ class Relationships:
         if isinstance(answer, bool):
             return answer
         failure = answer if isinstance(answer, Failure) else Failure(Cause.CANCELLED, "no answer")
-        metrics.relationship_unresolved.labels(q.backend or "none", failure.cause).inc()
+        metrics.child(metrics.relationship_unresolved, q.backend or "none", failure.cause).inc()
         log.warning("relationship_unresolved", backend=q.backend, cause=failure.cause, detail=failure.detail,
                     rule_index=q.rule.index, request_id=request.request_id)
         return None

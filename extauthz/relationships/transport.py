@@ -113,11 +113,11 @@ class Transport:
     def _observe(self, api: str, started: float | None, failure: Failure | None = None) -> None:
         """Count the call by result and cause, and time it if a request went out."""
         if started is not None:
-            metrics.relationship_call_latency.labels(self.backend).observe(time.perf_counter() - started)
+            metrics.child(metrics.relationship_call_latency, self.backend).observe(time.perf_counter() - started)
         if failure is None:
-            metrics.relationship_calls.labels(self.backend, api, "ok", "ok").inc()
+            metrics.child(metrics.relationship_calls, self.backend, api, "ok", "ok").inc()
         else:
-            metrics.relationship_calls.labels(self.backend, api, "error", failure.cause).inc()
+            metrics.child(metrics.relationship_calls, self.backend, api, "error", failure.cause).inc()
 
 
 def _cause(status: int) -> Cause:
