@@ -1,7 +1,7 @@
 """extauthz through real Envoy, side by side with its baselines, in one run.
 
-    python -m bench.compare [--smoke] [--duration S] [--connections C] [--only a,b] [--json]
-                            [--results-dir DIR] [--update-docs]
+    python -m bench.compare [--smoke] [--duration S] [--connections C] [--rounds N] [--only a,b]
+                            [--json] [--results-dir DIR] [--update-docs]
 
 Every scenario is one Envoy (``--concurrency 1``, the shipped config with only
 what the scenario says changed) plus what it needs, loaded by
@@ -10,6 +10,12 @@ one scenario after another. The floor (a trivial grpc.aio ext_authz server
 behind the shipped ext_authz settings) runs first and again last: the gap
 between its two runs is the machine's drift during the run, and every other
 scenario is reported as a ratio to the floor's mean.
+
+On a noisy machine one run of a scenario can land 10-20% off its usual figure.
+``--rounds N`` runs the whole sequence N times, with the floor between rounds;
+each scenario's ratios in a round are to the two floor runs around that round,
+and the report gives the median of every figure over the rounds and each
+round's ratios beside it.
 
 Before a scenario is measured it is checked to do what it claims (200 with the
 token; 401 without it and 403 for a service account where there is auth; the
@@ -32,6 +38,7 @@ import http.client
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -415,6 +422,7 @@ class Row:
     scenario: str
     label: str
     meaning: str
+    round: int = 1
     requests: int = 0
     seconds: float = 0.0
     rps: float = 0.0
@@ -492,8 +500,8 @@ def _enter(name: str, shared: Shared) -> Entered:
     return manager, manager.__enter__()
 
 
-def run_scenarios(args: argparse.Namespace, names: list[str], log: Callable[[str], None]) -> tuple[list[Row], str]:
-    """Each scenario in turn. In smoke mode the next one starts while the current one is loaded.
+def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: Callable[[str], None]) -> list[Row]:
+    """Each (scenario, round) in turn. In smoke mode the next one starts while the current one is loaded.
 
     Starting a sidecar (a Python process importing gRPC and Envoy's protos) takes
     seconds; overlapping the starts keeps the smoke test short. Its figures are
@@ -509,11 +517,13 @@ def run_scenarios(args: argparse.Namespace, names: list[str], log: Callable[[str
             orders = orjson.dumps(orders_document(ORDERS_BYTES))
             shared = Shared(workdir, idp, up, idp.token(sub=CALLER), idp.token(sub="svc-reporting"), orders)
             rows: list[Row] = []
-            upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0], shared)
+            upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0][0], shared)
+            rounds = args.rounds  # the last floor run is numbered one past the rounds
             try:
-                for i, name in enumerate(names):
-                    label = "floor (end)" if name == "floor" and i > 0 else name
-                    row = Row(name, label, MEANINGS[name])
+                for i, (name, round_) in enumerate(names):
+                    label = "floor (end)" if name == "floor" and round_ > rounds else \
+                        f"{name} (round {round_})" if rounds > 1 else name
+                    row = Row(name, label, MEANINGS[name], min(round_, rounds))
                     rows.append(row)
                     log(f"[{i + 1}/{len(names)}] {label}: {MEANINGS[name]}")
                     started_at = time.monotonic()
@@ -521,7 +531,7 @@ def run_scenarios(args: argparse.Namespace, names: list[str], log: Callable[[str
                     assert current is not None
                     last = i + 1 == len(names)
                     if args.smoke and not last:
-                        upcoming = starter.submit(_enter, names[i + 1], shared)
+                        upcoming = starter.submit(_enter, names[i + 1][0], shared)
                     try:
                         with contextlib.ExitStack() as stack:
                             manager, target = current.result()
@@ -541,12 +551,12 @@ def run_scenarios(args: argparse.Namespace, names: list[str], log: Callable[[str
                             f"non-2xx {row.non_2xx}" + (" <-- ERRORS" if row.bad else "")
                             + f" ({time.monotonic() - started_at:.1f} s)")
                     if not args.smoke and not last:
-                        upcoming = starter.submit(_enter, names[i + 1], shared)
+                        upcoming = starter.submit(_enter, names[i + 1][0], shared)
             finally:
                 if upcoming is not None:  # interrupted: stop what was being started
                     with contextlib.suppress(Exception):
                         upcoming.result()[0].__exit__(None, None, None)
-    return rows, _upstream_note(rows)
+    return rows
 
 
 def _keep_logs(workdir: Path, name: str) -> None:
@@ -572,24 +582,96 @@ def _upstream_note(rows: list[Row]) -> str:
     return base + "."
 
 
+def _valid_floor(row: Row) -> bool:
+    return row.scenario == "floor" and bool(row.requests) and not row.bad
+
+
+def _set_ratios(row: Row, floors: list[Row]) -> None:
+    rps = statistics.fmean(f.rps for f in floors)
+    side = statistics.fmean(f.sidecar_cpu_us or 0 for f in floors)
+    total = statistics.fmean(f.total_cpu_us for f in floors)
+    row.rps_vs_floor = row.rps / rps
+    row.total_cpu_vs_floor = row.total_cpu_us / total if total else None
+    row.sidecar_cpu_vs_floor = (row.sidecar_cpu_us / side) if (row.sidecar_cpu_us is not None and side) else None
+
+
 def add_ratios(rows: list[Row]) -> str:
-    floors = [r for r in rows if r.scenario == "floor" and r.requests and not r.bad]
+    """Each row against the valid floor runs nearest before and after it; a floor run against all of them.
+
+    With one round that is the floor's first and last run for every scenario;
+    with more, each round is measured against the floor as it was around it.
+    """
+    floors = [r for r in rows if _valid_floor(r)]
     if not floors:
         return "No valid floor run: no ratios."
-    rps = sum(r.rps for r in floors) / len(floors)
-    side = sum(r.sidecar_cpu_us or 0 for r in floors) / len(floors)
-    total = sum(r.total_cpu_us for r in floors) / len(floors)
-    for r in rows:
+    for i, r in enumerate(rows):
         if not r.requests:
             continue
-        r.rps_vs_floor = r.rps / rps
-        r.total_cpu_vs_floor = r.total_cpu_us / total if total else None
-        r.sidecar_cpu_vs_floor = (r.sidecar_cpu_us / side) if (r.sidecar_cpu_us is not None and side) else None
+        if r.scenario == "floor":
+            _set_ratios(r, floors)
+            continue
+        before = [f for f in rows[:i] if _valid_floor(f)][-1:]
+        after = [f for f in rows[i + 1:] if _valid_floor(f)][:1]
+        _set_ratios(r, before + after)
     if len(floors) == 2:
         a, b = floors
         return (f"Drift: the floor ran first at {a.rps:,.0f} req/s and last at {b.rps:,.0f} req/s "
                 f"({(b.rps / a.rps - 1) * 100:+.1f}%); ratios are to the mean of both runs.")
+    if len(floors) > 2:
+        low, high = min(f.rps for f in floors), max(f.rps for f in floors)
+        return (f"Drift: the floor ran {len(floors)} times, at " + ", ".join(f"{f.rps:,.0f}" for f in floors)
+                + f" req/s (the highest {(high / low - 1) * 100:.0f}% above the lowest); each round's ratios are "
+                "to the floor runs before and after it.")
     return "The floor ran once: drift during the run is not visible."
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(rows: list[Row]) -> list[Row]:
+    """One row per scenario, each figure the median over its rounds; one round's rows are returned as they are."""
+    if max((r.round for r in rows), default=1) == 1:
+        return rows
+    summary: list[Row] = []
+    for name in dict.fromkeys(r.scenario for r in rows):
+        runs = [r for r in rows if r.scenario == name]
+        measured = [r for r in runs if r.requests and not r.failed]
+        first = runs[0]
+        row = Row(name, f"{name} (median of {len(measured)})" if len(measured) > 1 else name, first.meaning,
+                  checks=first.checks, skipped=first.skipped,
+                  failed="; ".join(f"{r.label}: {r.failed}" for r in runs if r.failed))
+        summary.append(row)
+        if not measured:
+            continue
+        row.requests = sum(r.requests for r in measured)
+        row.seconds = sum(r.seconds for r in measured)
+        row.non_2xx = sum(r.non_2xx for r in measured)
+        row.socket_errors = sum(r.socket_errors for r in measured)
+        for name_ in ("rps", "p50_ms", "p90_ms", "p99_ms", "bytes_per_response", "envoy_cpu_us"):
+            setattr(row, name_, statistics.median(getattr(r, name_) for r in measured))
+        for name_ in ("sidecar_cpu_us", "sidecar_rss_mb", "rps_vs_floor", "sidecar_cpu_vs_floor",
+                      "total_cpu_vs_floor"):
+            setattr(row, name_, _median([getattr(r, name_) for r in measured]))
+        row.filter_calls = {k: statistics.median(r.filter_calls.get(k, 0.0) for r in measured)
+                            for k in measured[0].filter_calls}
+        row.other_cpu_us = {k: statistics.median(r.other_cpu_us.get(k, 0.0) for r in measured)
+                            for k in measured[0].other_cpu_us}
+    return summary
+
+
+def rounds_table(rows: list[Row]) -> list[list[str]]:
+    """Per scenario, each round's req/s and sidecar CPU ratios: how far one run can be trusted."""
+    out = []
+    for name in dict.fromkeys(r.scenario for r in rows if r.scenario != "floor"):
+        runs = [r for r in rows if r.scenario == name and r.requests]
+        out.append([name, "  ".join(_f(r.rps_vs_floor, ".2f") for r in runs),
+                    "  ".join(_f(r.sidecar_cpu_vs_floor, ".2f") for r in runs)])
+    return out
+
+
+ROUNDS_HEADERS = ["scenario", "req/s ÷ floor, by round", "sidecar CPU ÷ floor, by round"]
 
 
 # --- reporting ---------------------------------------------------------------------------------------------
@@ -619,27 +701,37 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
-def text_table(rows: list[Row]) -> str:
-    cells = [HEADERS, *table_rows(rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS))]
+def text_table(headers: list[str], body: list[list[str]]) -> str:
+    cells = [headers, *body]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def markdown(rows: list[Row], facts: dict[str, str], notes: list[str], args: argparse.Namespace) -> str:
+def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+            *("| " + " | ".join(c) + " |" for c in body)]
+
+
+def markdown(rows: list[Row], runs: list[Row], facts: dict[str, str], notes: list[str],
+             args: argparse.Namespace) -> str:
+    """The report; ``rows`` are what the main table shows (medians when there were rounds), ``runs`` every run."""
     out = ["# extauthz beside its baselines, through real Envoy", ""]
     out.append(f"Generated by `{facts['command']}` on {facts['date']}: {args.duration} s of `wrk -t1 "
                f"-c{args.connections}` per scenario, one after another, after "
-               + ("30 warm-up requests" if args.smoke else f"a {args.warmup} s warm-up") + ".")
+               + ("30 warm-up requests" if args.smoke else f"a {args.warmup} s warm-up")
+               + (f"; {args.rounds} rounds, the floor between them, every figure below the median over the rounds"
+                  if args.rounds > 1 else "") + ".")
     out.append("")
     out += ["| machine | |", "| --- | --- |"]
     out += [f"| {k.replace('_', ' ')} | {v} |" for k, v in facts.items() if k not in ("command", "date")]
     out.append("")
-    out.append("| " + " | ".join(HEADERS) + " |")
-    out.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
-    out += ["| " + " | ".join(c) + " |" for c in table_rows(rows)]
+    out += _markdown_table(HEADERS, table_rows(rows))
+    if args.rounds > 1:
+        out += ["", "Each round's ratios, to the floor runs before and after that round:", ""]
+        out += _markdown_table(ROUNDS_HEADERS, rounds_table(runs))
     out.append("")
     out += [f"- {n}" for n in notes]
     out.append("")
@@ -703,7 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, help="seconds of load per scenario (default 10; smoke 1)")
     parser.add_argument("--connections", type=int, help="wrk connections (default 16; smoke 4)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each measurement")
-    parser.add_argument("--only", help="comma-separated scenarios (the floor always runs first and last)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every scenario this many times, the floor between rounds; report medians")
+    parser.add_argument("--only", help="comma-separated scenarios (the floor runs first, between rounds and last)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--update-docs", action="store_true", help=f"also put the table into {DOCS.name}")
@@ -715,39 +809,47 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in wanted if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(ORDER)}")
-    names = ["floor", *[n for n in ORDER if n in wanted and n != "floor"], "floor"]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    sequence = [n for n in ORDER if n in wanted and n != "floor"]
+    names = [(n, r) for r in range(1, args.rounds + 1) for n in ("floor", *sequence)] + [("floor", args.rounds + 1)]
     command = "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     facts = machine_facts(command.strip())
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows, upstream_note = run_scenarios(args, names, log)
+    runs = run_scenarios(args, names, log)
     facts["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    notes = [add_ratios(rows), upstream_note,
-             "Ratios: req/s and CPU per request against the floor's mean. CPU is utime+stime from /proc over "
+    drift = add_ratios(runs)
+    rows = summarize(runs)
+    notes = [drift, _upstream_note(rows),
+             "Ratios: req/s and CPU per request against the mean of the floor runs around each run. CPU is "
+             "utime+stime from /proc over "
              "the measured load only; the sidecar is `extauthz serve` (one process), or the floor server.",
              "non-2xx is Envoy's own count (downstream_rq_completed - downstream_rq_2xx over the load), plus "
              "wrk's socket errors; any is flagged: a benchmark of errors measures nothing."]
     if args.smoke:
         notes.insert(0, "Smoke run: it shows the harness works; its figures are not for reading (1 s runs, the next "
                         "scenario starting while one is measured).")
-    bad = [r for r in rows if r.bad]
+    bad = [r for r in runs if r.bad]
     if bad:
         notes.insert(0, "**ERRORS in: " + ", ".join(r.label for r in bad) + "**")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    report = markdown(rows, facts, notes, args)
+    report = markdown(rows, runs, facts, notes, args)
     (args.results_dir / "compare.md").write_text(report)
     if args.update_docs:
         update_docs(report)
     chart(rows, args.results_dir / "compare.png", f"{command} - {facts['date']} - {facts['cpu']}, "
           f"{facts['cores']} cores, Envoy {facts['envoy']}")
-    document = {"facts": facts, "notes": notes, "rows": [asdict(r) for r in rows]}
+    document = {"facts": facts, "notes": notes, "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in runs]}
     (args.results_dir / "compare.json").write_text(json.dumps(document, indent=2) + "\n")
     if args.json:
         print(json.dumps(document, indent=2))
     else:
-        print(text_table(rows))
+        print(text_table(HEADERS, table_rows(rows)))
+        if args.rounds > 1:
+            print(text_table(ROUNDS_HEADERS, rounds_table(runs)))
         for note in notes:
             print(note)
         print(f"written: {args.results_dir / 'compare.md'}, compare.png, compare.json")
