@@ -27,6 +27,7 @@ import httpx
 import jwt
 import structlog
 
+from extauthz.eager import in_task
 from extauthz.errors import ExtauthzError
 from extauthz.policy.model import Provider, thaw
 
@@ -182,6 +183,7 @@ class KeySet:
         request sees the new keys while the cache still holds tokens that the
         removed ones verified.
         """
+        await in_task()  # httpx's timeouts cancel the current task
         async with self._lock:
             previous = self._keys
             try:

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 import structlog
 
+from extauthz.eager import in_task
 from extauthz.policy.model import BackendAuth
 from extauthz.relationships.base import Cause, Failure
 
@@ -93,6 +94,7 @@ class ClientCredentials:
         if self._failed is not None and now < self._failed[0]:
             return self._failed[1]  # the token endpoint just failed: do not hammer it once per check
         task = self._start_fetch()
+        await in_task()  # the timeout cancels the current task
         try:
             async with asyncio.timeout(budget):
                 result = await asyncio.shield(task)

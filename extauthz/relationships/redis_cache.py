@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from extauthz.eager import in_task
 from extauthz.observability import metrics
 
 log = structlog.get_logger("extauthz.relationships")
@@ -64,6 +65,7 @@ class RedisCache:
         if not self.available:
             metrics.child(metrics.relationship_cache, "redis", "paused").inc(len(keys))
             return {}
+        await in_task()  # the timeout cancels the current task
         try:
             async with asyncio.timeout(self.timeout):
                 raw = await self._client.mget([PREFIX + key for key in keys])

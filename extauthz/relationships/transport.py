@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from extauthz.eager import in_task
 from extauthz.observability import metrics
 from extauthz.relationships.auth import Credentials
 from extauthz.relationships.base import Cause, Failure
@@ -77,6 +78,7 @@ class Transport:
                 return header, retry
             headers = {**_JSON, "authorization": header}
         started = time.perf_counter()
+        await in_task()  # aiohttp's timeout cancels the current task
         try:
             async with self.session.post(
                 url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=remaining)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from extauthz.observability import metrics
 from extauthz.observability.http import ObservabilityServer
 from extauthz.server import authorization
+from extauthz.server.grpc_lean import Health, LeanGrpcServer, Methods
 from extauthz.server.http_authorization import HttpAuthorizationServer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
@@ -39,6 +41,15 @@ log = structlog.get_logger("extauthz.server")
 _IN_FLIGHT_GRACE_SECONDS = 2.0
 
 SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor")
+PROCESS_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
+GRPC_SERVER_ENV = "EXTAUTHZ_GRPC_SERVER"
+
+
+def grpc_server() -> str:
+    """``lean`` (extauthz's own HTTP/2 server, :mod:`extauthz.server.grpc_lean`) unless the environment says
+    ``grpcio`` (grpc.aio, which TLS listeners always use): the way back should the lean server misbehave."""
+    return "grpcio" if os.environ.get(GRPC_SERVER_ENV, "").strip().lower() == "grpcio" else "lean"
 
 
 class Server:
@@ -50,25 +61,36 @@ class Server:
         # share it through SO_REUSEPORT, and their supervisor probed it before starting them.
         if not reuse_port:
             probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
-        self.grpc = grpc.aio.server(
-            options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 8 << 20)]
-        )
-        authorization.add_to_server(authorization.AuthorizationServicer(sidecar.authorizer), self.grpc)
+        checks = authorization.AuthorizationServicer(sidecar.authorizer)
         # Response filtering; the policy is read per stream so a reload applies to the next response.
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorServicer(lambda: sidecar.runtime.policy), self.grpc
-        )
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        processor = ExternalProcessorServicer(lambda: sidecar.runtime.policy)
         tls = sidecar.runtime.policy.server.tls
         self.certificates: CertificateReloader | None = None
-        if tls is not None:
-            credentials, self.certificates = server_credentials(tls)
-            self.port = self.grpc.add_secure_port(address, credentials)
+        self.grpc: grpc.aio.Server | None = None
+        self.lean: LeanGrpcServer | None = None
+        self.health: HealthServicer | Health
+        if tls is None and grpc_server() == "lean":
+            self.health = Health()
+            self.lean = LeanGrpcServer(Methods(
+                unary={authorization.CHECK_PATH: checks.check_message, HEALTH_CHECK_PATH: self.health.check},
+                streams={PROCESS_PATH: processor.open_stream},
+            ), address, reuse_port=reuse_port)
+            self.port = self.lean.port
         else:
-            self.port = self.grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            self.grpc = grpc.aio.server(
+                options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 8 << 20)]
+            )
+            authorization.add_to_server(checks, self.grpc)
+            external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, self.grpc)
+            self.health = HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+            if tls is not None:
+                credentials, self.certificates = server_credentials(tls)
+                self.port = self.grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+            if self.port == 0:
+                raise OSError(f"cannot listen on {address}")
         self.admin: grpc.aio.Server | None = None
         if admin_address:
             parse_admin_address(admin_address)
@@ -90,7 +112,12 @@ class Server:
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.grpc.start()
+        if self.lean is not None:
+            await self.lean.start()
+            self.port = self.lean.port
+        else:
+            assert self.grpc is not None
+            await self.grpc.start()
         if self.http is not None:
             await self.http.start()
         if self.admin is not None:
@@ -100,6 +127,7 @@ class Server:
         tls = self.sidecar.runtime.policy.server.tls
         log.info("listening", address=self.address, port=self.port, policy=self.sidecar.runtime.policy.digest,
                  tls="off" if tls is None else ("mtls" if tls.client_ca_file else "tls"),
+                 grpc_server="lean" if self.lean is not None else "grpcio",
                  loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def _track_readiness(self) -> None:
@@ -117,6 +145,10 @@ class Server:
                 last = status
             await asyncio.sleep(0.5)
 
+    async def _stop_grpc(self, grace: float) -> None:
+        assert self.grpc is not None
+        await self.grpc.stop(grace)
+
     async def not_ready(self) -> None:
         """Report NOT_SERVING for good (draining); RPCs are still answered."""
         if self._watch is not None:
@@ -129,10 +161,10 @@ class Server:
         await self.not_ready()
         if self.admin is not None:
             await self.admin.stop(0)
+        stopping = [self.lean.stop(grace) if self.lean is not None else self._stop_grpc(grace)]
         if self.http is not None:
-            await asyncio.gather(self.grpc.stop(grace), self.http.stop(grace))
-        else:
-            await self.grpc.stop(grace)
+            stopping.append(self.http.stop(grace))
+        await asyncio.gather(*stopping)
         await self.sidecar.close()
 
 

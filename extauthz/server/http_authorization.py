@@ -49,16 +49,16 @@ import asyncio
 import functools
 import re
 import time
-import types
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, cast
+from typing import cast
 
 import structlog
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.decision import Code, Decision, new_decision_id
 from extauthz.core.request import HttpRequest
+from extauthz.eager import run_eagerly
 from extauthz.server.checks import NO_REQUEST, failed, record
 from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
 from extauthz.server.http1 import (
@@ -265,29 +265,6 @@ class HttpAuthorizationServer:
         return payload, close
 
 
-@types.coroutine
-def _resumed(started: Coroutine[Any, Any, None], waiting_for: Any) -> Generator[Any, Any, None]:
-    """The rest of a coroutine already run up to its first wait, driven as ``await`` would drive it.
-
-    What the started coroutine waits for is handed to the task running this
-    one; the task's answer (a value, or an exception such as a cancellation)
-    goes back in, until the coroutine returns.
-    """
-    while True:
-        try:
-            answer = yield waiting_for
-        except BaseException as exc:  # noqa: BLE001 - relayed, not handled: the coroutine decides
-            try:
-                waiting_for = started.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                waiting_for = started.send(answer)
-            except StopIteration:
-                return
-
-
 class _CheckConnection(asyncio.Protocol):
     """One connection from Envoy: one check at a time, in order (pipelined requests wait their turn)."""
 
@@ -348,12 +325,9 @@ class _CheckConnection(asyncio.Protocol):
         self.busy = True
         # Run the check at once: with a cached token and no relationship lookup it never waits, and then
         # answering here saves a task and a turn of the loop per check. Only a check that waits becomes a task.
-        answering = self._answer(head, started)
-        try:
-            waiting_for = answering.send(None)
-        except StopIteration:
-            return
-        self._task = asyncio.get_running_loop().create_task(_resumed(answering, waiting_for))
+        task = run_eagerly(self._answer(head, started))
+        if task is not None:  # one that finished at once may have started the next pipelined check's task
+            self._task = task
 
     async def _answer(self, head: RequestHead, started: float) -> None:
         try:

@@ -258,11 +258,59 @@ class _Exchange:
                     code=code, detail=detail, upstream_bytes=size or None)
 
 
+    async def respond(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """:meth:`answer`, timed, and failing closed: an error in here never lets the body through unfiltered."""
+        started = time.perf_counter()
+        phase = message.WhichOneof("request") or "unknown"
+        try:
+            response = await self.answer(message)
+        except Exception as exc:
+            log.exception("extproc_failed", phase=phase, error=f"{type(exc).__name__}: {exc}",
+                          decision_id=self.plan.decision_id)
+            metrics.child(metrics.filter_outcomes, self.plan.proxy, "blocked", BlockCode.FILTER_ERROR).inc()
+            response = blocked(BlockCode.FILTER_ERROR, self.plan.decision_id)
+        metrics.child(metrics.extproc_latency, phase).observe(time.perf_counter() - started)
+        return response
+
+    def ended(self) -> None:
+        """Envoy closed its side of the stream before :attr:`done`."""
+        if self.plan.action is Action.BUFFER and not self.body_seen:
+            # Either the exchange was cut short (client or upstream reset), or Envoy
+            # ignored the mode override (allow_mode_override off) and streamed the body.
+            log.warning("filtered_body_not_received", decision_id=self.plan.decision_id, proxy=self.plan.proxy,
+                        hint="if this repeats, check allow_mode_override: true on the ext_proc filter")
+            metrics.child(metrics.filter_outcomes, self.plan.proxy, "body_not_received", "").inc()
+
+
+class ProcessingStream:
+    """One ext_proc stream with messages as bytes, for the lean gRPC server (:mod:`extauthz.server.grpc_lean`)."""
+
+    __slots__ = ("_exchange",)
+
+    def __init__(self, policy: Policy) -> None:
+        self._exchange = _Exchange(policy)
+
+    @property
+    def done(self) -> bool:
+        return self._exchange.done
+
+    async def answer(self, message: bytes) -> bytes:
+        response = await self._exchange.respond(pb.ProcessingRequest.FromString(message))
+        return bytes(response.SerializeToString())
+
+    def ended(self) -> None:
+        self._exchange.ended()
+
+
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """``envoy.service.ext_proc.v3.ExternalProcessor``; the policy is looked up once per stream (hot reload)."""
 
     def __init__(self, policy: Callable[[], Policy]) -> None:
         self._policy = policy
+
+    def open_stream(self) -> ProcessingStream:
+        """A stream for the lean gRPC server: the same exchange as :meth:`Process`, on bytes."""
+        return ProcessingStream(self._policy())
 
     async def Process(  # noqa: N802 - gRPC method name
         self,
@@ -271,26 +319,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = _Exchange(self._policy())
         async for message in request_iterator:
-            started = time.perf_counter()
-            phase = message.WhichOneof("request") or "unknown"
-            try:
-                response = await exchange.answer(message)
-            except Exception as exc:
-                # Fail closed: an error in here must never let the body through unfiltered.
-                log.exception("extproc_failed", phase=phase, error=f"{type(exc).__name__}: {exc}",
-                              decision_id=exchange.plan.decision_id)
-                metrics.child(metrics.filter_outcomes, exchange.plan.proxy, "blocked", BlockCode.FILTER_ERROR).inc()
-                response = blocked(BlockCode.FILTER_ERROR, exchange.plan.decision_id)
-            metrics.child(metrics.extproc_latency, phase).observe(time.perf_counter() - started)
-            yield response
+            yield await exchange.respond(message)
             if exchange.done:
                 # End the call with OK now rather than when Envoy closes its side: Envoy has what it needs, and
                 # a status sent after Envoy reset the stream leaks grpc.aio's batch (~100 bytes per stream).
                 return
-        if exchange.plan.action is Action.BUFFER and not exchange.body_seen:
-            # Either the exchange was cut short (client or upstream reset), or Envoy
-            # ignored the mode override (allow_mode_override off) and streamed the body.
-            log.warning("filtered_body_not_received", decision_id=exchange.plan.decision_id,
-                      proxy=exchange.plan.proxy,
-                      hint="if this repeats, check allow_mode_override: true on the ext_proc filter")
-            metrics.child(metrics.filter_outcomes, exchange.plan.proxy, "body_not_received", "").inc()
+        exchange.ended()

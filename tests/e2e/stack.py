@@ -2,9 +2,10 @@
 
 Envoy runs the config shipped in ``envoy/`` with only ports rewritten; the
 sidecar runs as ``python -m extauthz serve``, exactly as users run it. A stack
-asks the sidecar over gRPC (``envoy/envoy.yaml``) or over HTTP/1.1
-(``transport="http"``: ``envoy/envoy-http.yaml`` and ``--http-address``); the
-response phase is gRPC ext_proc either way.
+asks the sidecar over gRPC (``envoy/envoy.yaml``), over HTTP/1.1
+(``transport="http"``: ``envoy/envoy-http.yaml`` and ``--http-address``), or over
+gRPC served by grpc.aio instead of the sidecar's own HTTP/2 server
+(``transport="grpcio"``); the response phase is gRPC ext_proc in every case.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ class Response:
         return json.loads(self.body)
 
 
-Transport = Literal["grpc", "http"]
-TRANSPORTS: tuple[Transport, ...] = ("grpc", "http")
-ENVOY_CONFIGS: dict[Transport, Path] = {"grpc": ENVOY_DIR / "envoy.yaml", "http": ENVOY_DIR / "envoy-http.yaml"}
+Transport = Literal["grpc", "http", "grpcio"]
+TRANSPORTS: tuple[Transport, ...] = ("grpc", "http", "grpcio")
+"""gRPC on the sidecar's own HTTP/2 server (the default), HTTP/1.1, and gRPC on grpc.aio (``EXTAUTHZ_GRPC_SERVER``)."""
+ENVOY_CONFIGS: dict[Transport, Path] = {"grpc": ENVOY_DIR / "envoy.yaml", "http": ENVOY_DIR / "envoy-http.yaml",
+                                        "grpcio": ENVOY_DIR / "envoy.yaml"}
 
 
 @dataclass
@@ -90,6 +93,8 @@ def running_stack(
     ports = Ports.free()
     if transport == "http":
         sidecar_args = [*(sidecar_args or []), "--http-address", f"127.0.0.1:{ports.http}"]
+    if transport == "grpcio":
+        sidecar_env = {**(sidecar_env or {}), "EXTAUTHZ_GRPC_SERVER": "grpcio"}
     for name, content in (files or {}).items():
         (workdir / name).write_text(content)
     make_upstream = upstream_factory or (lambda port: SampleApi(port=port))

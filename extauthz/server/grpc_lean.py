@@ -1,0 +1,323 @@
+"""gRPC for Envoy on extauthz's own HTTP/2 server: ext_authz Check, ext_proc Process and health Check.
+
+Why not grpc.aio: through Envoy on the benchmark's 2-core machine, grpc.aio's
+native machinery (a completion-queue poller thread handing every event to the
+loop, several batches and futures per call) cost ~270 µs of CPU per Check even
+for a server that decides nothing, and it made the Check's own Python code cost
+twice what it does alone. The same Checks served here, by protocol callbacks
+on the loop with nothing between the bytes and the decision, cost under half of
+that all in (docs/benchmarks.md). grpc.aio stays for what this server does not
+do: TLS listeners, the admin service, and ``--grpc-server grpcio``.
+
+The scope is what Envoy's gRPC client sends to a sidecar: cleartext HTTP/2 with
+prior knowledge (:mod:`extauthz.server.http2`), POSTs of ``application/grpc``,
+uncompressed length-prefixed messages. Each method is either unary (one message
+in, one out; the handler takes and returns serialised messages) or a stream of
+answers, one per message in order (ext_proc); a handler that raises
+:class:`GrpcError` ends its call with that status, and any other exception with
+INTERNAL, which Envoy turns into its configured failure answer (the shipped
+configs fail closed). Deadlines are Envoy's: a Check that outlives its timeout
+is reset by Envoy, and the reset cancels it here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+from grpc_health.v1 import health_pb2
+
+from extauthz.eager import run_eagerly
+from extauthz.server.http2 import Http2Connection, Stream, literal_block
+from extauthz.server.validation import parse_address
+
+log = structlog.get_logger("extauthz.grpc")
+
+OK, INTERNAL, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 0, 13, 5, 8, 12
+MAX_MESSAGE = 8 << 20
+"""The largest request message accepted, as ``grpc.max_receive_message_length`` on the grpc.aio server."""
+
+_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+RESPONSE_HEADERS = literal_block(_HEAD)
+TRAILERS_OK = literal_block([(b"grpc-status", b"0")])
+_MESSAGE_SAFE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"
+"""Printable ASCII but ``%`` stays as it is in grpc-message; the rest is percent-encoded (gRPC over HTTP/2)."""
+
+
+class GrpcError(Exception):
+    """Ends the call with ``code`` and ``message`` (grpc-status, grpc-message) instead of an answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class MessageStream(Protocol):
+    """One bidirectional call: an answer per message, in order, until :attr:`done` or the client's end."""
+
+    @property
+    def done(self) -> bool: ...
+    def answer(self, message: bytes) -> Coroutine[Any, Any, bytes]: ...
+    def ended(self) -> None:
+        """The client ended its side before :attr:`done`."""
+
+
+Unary = Callable[[bytes], Coroutine[Any, Any, bytes]]
+
+
+@dataclass(frozen=True)
+class Methods:
+    """The served methods by path (``/package.Service/Method``)."""
+
+    unary: Mapping[str, Unary]
+    streams: Mapping[str, Callable[[], MessageStream]]
+
+
+def _trailers(code: int, message: str, head: bool) -> bytes:
+    fields = [*(_HEAD if head else []), (b"grpc-status", str(code).encode())]
+    if message:
+        fields.append((b"grpc-message", urllib.parse.quote(message, safe=_MESSAGE_SAFE).encode()))
+    return literal_block(fields)
+
+
+def _framed(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+class _Call:
+    """The state of one call: its method, the message bytes not yet whole, and a stream's queue."""
+
+    __slots__ = ("answered", "buffer", "ended", "message", "queue", "stream", "streaming", "task", "unary")
+
+    def __init__(self, unary: Unary | None, stream: MessageStream | None) -> None:
+        self.unary = unary
+        self.stream = stream
+        self.streaming = stream is not None
+        self.buffer = bytearray()
+        self.message: bytes | None = None
+        self.queue: deque[bytes] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.answered = False
+        """Response headers sent."""
+        self.ended = False
+        """The call's status was sent (or the stream reset): nothing more happens on it."""
+
+
+class _Connection(Http2Connection):
+    def __init__(self, server: LeanGrpcServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server.connections.add(self)
+        if self._server.stopping:
+            self.go_away()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._server.connections.discard(self)
+
+    # --- streams in ---------------------------------------------------------------------------------
+
+    def stream_started(self, stream: Stream) -> None:
+        fields = dict(stream.headers)
+        path = fields.get(b":path", b"").decode("ascii", "replace")
+        methods = self._server.methods
+        unary, opener = methods.unary.get(path), methods.streams.get(path)
+        call = _Call(unary, None)
+        stream.handler = call
+        if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(b"application/grpc"):
+            self._finish(stream, call, UNIMPLEMENTED, "not a gRPC request (POST of application/grpc)")
+        elif unary is None and opener is None:
+            self._finish(stream, call, UNIMPLEMENTED, f"unknown method {path}")
+        elif fields.get(b"grpc-encoding", b"identity") != b"identity":
+            self._finish(stream, call, UNIMPLEMENTED, "compressed messages are not accepted")
+        else:
+            if opener is not None:
+                call.stream, call.streaming = opener(), True
+            if stream.remote_closed:
+                self.stream_data(stream, b"", True)
+
+    def stream_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
+        call: _Call = stream.handler  # type: ignore[assignment]
+        if call.ended:
+            return
+        buffer = call.buffer
+        buffer += data
+        while len(buffer) >= 5:
+            length = int.from_bytes(buffer[1:5], "big")
+            if buffer[0]:
+                self._finish(stream, call, UNIMPLEMENTED, "compressed messages are not accepted")
+                return
+            if length > MAX_MESSAGE:
+                self._finish(stream, call, RESOURCE_EXHAUSTED,
+                             f"a {length}-byte message (at most {MAX_MESSAGE})")
+                return
+            if len(buffer) < 5 + length:
+                break
+            message = bytes(buffer[5:5 + length])
+            del buffer[:5 + length]
+            if call.streaming:
+                call.queue.append(message)
+            elif call.message is None:
+                call.message = message
+            else:
+                self._finish(stream, call, UNIMPLEMENTED, "more than one request message on a unary call")
+                return
+        if end_stream and buffer:
+            self._finish(stream, call, INTERNAL, "the request ended inside a message")
+            return
+        if call.streaming:
+            self._pump(stream, call)
+        elif end_stream:
+            self._unary(stream, call)
+
+    def stream_reset(self, stream: Stream) -> None:
+        call: _Call | None = stream.handler  # type: ignore[assignment]
+        if call is not None and not call.ended:
+            call.ended = True
+            if call.task is not None:
+                call.task.cancel()
+
+    # --- answers ------------------------------------------------------------------------------------
+
+    def _unary(self, stream: Stream, call: _Call) -> None:
+        if call.message is None:
+            self._finish(stream, call, INTERNAL, "the request carried no message")
+            return
+        assert call.unary is not None
+        call.task = run_eagerly(self._answer_unary(stream, call, call.unary(call.message)))
+
+    async def _answer_unary(self, stream: Stream, call: _Call, answering: Awaitable[bytes]) -> None:
+        try:
+            answer = await answering
+        except Exception as exc:  # noqa: BLE001 - the call ends with a status, whatever went wrong
+            self._failed(stream, call, exc)
+            return
+        if call.ended:
+            return
+        call.ended = True
+        self.send_headers(stream, RESPONSE_HEADERS)
+        self.send_data(stream, _framed(answer))
+        self.end_stream(stream, TRAILERS_OK)
+
+    def _pump(self, stream: Stream, call: _Call) -> None:
+        """Answer the stream's queued messages in order, one at a time; end the call when it is done."""
+        while not call.ended and call.task is None:
+            if call.queue:
+                assert call.stream is not None
+                call.task = run_eagerly(self._answer_message(stream, call, call.stream.answer(call.queue.popleft())))
+            elif stream.remote_closed:
+                assert call.stream is not None
+                call.stream.ended()
+                self._finish(stream, call, OK, "")
+            else:
+                return
+
+    async def _answer_message(self, stream: Stream, call: _Call, answering: Awaitable[bytes]) -> None:
+        try:
+            answer = await answering
+        except Exception as exc:  # noqa: BLE001 - the call ends with a status, whatever went wrong
+            self._failed(stream, call, exc)
+            return
+        finally:
+            # Only an answer that waited ran as a task (run_eagerly returns before the task is set otherwise).
+            resumed, call.task = call.task is not None, None
+        if call.ended:
+            return
+        if not call.answered:
+            call.answered = True
+            self.send_headers(stream, RESPONSE_HEADERS)
+        self.send_data(stream, _framed(answer))
+        assert call.stream is not None
+        if call.stream.done:
+            self._finish(stream, call, OK, "")
+        elif resumed:  # go on with what arrived meanwhile (an answer given at once returns to _pump's loop)
+            self._pump(stream, call)
+
+    def _failed(self, stream: Stream, call: _Call, exc: Exception) -> None:
+        if isinstance(exc, GrpcError):
+            self._finish(stream, call, exc.code, str(exc))
+            return
+        log.error("grpc_call_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self._finish(stream, call, INTERNAL, "internal error")
+
+    def _finish(self, stream: Stream, call: _Call, code: int, message: str) -> None:
+        if call.ended:
+            return
+        call.ended = True
+        if call.answered:
+            self.end_stream(stream, _trailers(code, message, head=False))
+        else:
+            # Trailers-only: the status in the one header block (a stream ended before any answer).
+            self.send_headers(stream, _trailers(code, message, head=True), end_stream=True)
+        self.flush()
+
+
+class LeanGrpcServer:
+    """The listener: connections from Envoy, each an :class:`~extauthz.server.http2.Http2Connection`."""
+
+    def __init__(self, methods: Methods, address: str, reuse_port: bool = False) -> None:
+        self.methods = methods
+        self.address = address
+        self._listen = parse_address(address)
+        self._reuse_port = reuse_port
+        self.port = self._listen.port
+        self.connections: set[_Connection] = set()
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._listen.is_unix:
+            self._server = await loop.create_unix_server(lambda: _Connection(self), self._listen.unix_path)
+        else:
+            self._server = await loop.create_server(lambda: _Connection(self), self._listen.host or None,
+                                                    self._listen.port, reuse_address=True,
+                                                    reuse_port=self._reuse_port or None)
+            self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace: float) -> None:
+        """Accept nothing new (GOAWAY to every connection), let calls in progress end within ``grace``, close."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.go_away()
+        deadline = time.monotonic() + grace
+        while any(c.streams for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+
+
+class Health:
+    """``grpc.health.v1.Health/Check`` for the lean server, with the calls app.py makes on grpc's servicer."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._shutting_down = False
+
+    async def set(self, service: str, status: int) -> None:
+        if not self._shutting_down:
+            self._status[service] = status
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._shutting_down = True
+        for service in self._status:
+            self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def check(self, message: bytes) -> bytes:
+        service = health_pb2.HealthCheckRequest.FromString(message).service
+        status = self._status.get(service)
+        if status is None:
+            raise GrpcError(NOT_FOUND, f"unknown service {service!r}")
+        return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())

@@ -1,0 +1,388 @@
+"""The lean gRPC server against a second HTTP/2 implementation (grpcio's client) and against raw frames.
+
+Envoy drives it in every end-to-end test (it is the default); here, grpcio's
+client checks the protocol from the other side (its flow control, trailers,
+status codes and percent-encoded messages), and hand-written frames check what
+no well-behaved client sends: a broken preface, oversized frames, a peer that
+ignores its windows, header blocks in pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+from grpc_health.v1 import health_pb2
+
+from bench.micro import Workload
+from extauthz.server import http2
+from extauthz.server.authorization import CHECK_PATH
+from extauthz.server.grpc_lean import (
+    INTERNAL,
+    NOT_FOUND,
+    GrpcError,
+    Health,
+    LeanGrpcServer,
+    Methods,
+)
+
+
+class Serving:
+    """A lean server on its own loop in a thread, for blocking grpcio clients in the test."""
+
+    def __init__(self, methods: Methods) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = LeanGrpcServer(methods, "127.0.0.1:0")
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.server.start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def unary(self, path: str) -> grpc.UnaryUnaryMultiCallable:
+        return self.channel.unary_unary(path)
+
+    def streaming(self, path: str) -> grpc.StreamStreamMultiCallable:
+        return self.channel.stream_stream(path)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.run(self.server.stop(1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@contextmanager
+def serving(unary: dict[str, Callable[[bytes], Coroutine[Any, Any, bytes]]] | None = None,
+            streams: dict[str, Callable[[], Any]] | None = None) -> Iterator[Serving]:
+    running = Serving(Methods(unary or {}, streams or {}))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+class Echo:
+    """A stream that answers each message with its number and the message, and is done after ``limit``."""
+
+    def __init__(self, limit: int = 3, wait: float = 0.0) -> None:
+        self.limit, self.wait, self.count, self.ended_early = limit, wait, 0, False
+
+    @property
+    def done(self) -> bool:
+        return self.count >= self.limit
+
+    async def answer(self, message: bytes) -> bytes:
+        if self.wait:
+            await asyncio.sleep(self.wait)
+        self.count += 1
+        return b"%d:" % self.count + message
+
+    def ended(self) -> None:
+        self.ended_early = True
+
+
+# --- against grpcio's client --------------------------------------------------------------------
+
+
+def test_a_check_is_answered_with_the_servicers_own_response() -> None:
+    work = Workload()
+    with serving({CHECK_PATH: work.servicer.check_message}) as running:
+        answer = external_auth_pb2.CheckResponse.FromString(running.unary(CHECK_PATH)(work.check_request, timeout=5))
+    assert answer.status.code == 0 and answer.HasField("ok_response")
+    names = [h.header.key for h in answer.ok_response.headers]
+    assert "x-auth-sub" in names or names  # the seed policy forwards identity headers upstream
+    assert [h.header.key for h in answer.ok_response.response_headers_to_add] == ["x-extauthz-decision-id"]
+
+
+def test_a_request_that_does_not_parse_ends_with_internal_never_an_answer() -> None:
+    work = Workload()
+    with serving({CHECK_PATH: work.servicer.check_message}) as running, pytest.raises(grpc.RpcError) as failed:
+        running.unary(CHECK_PATH)(b"\xff\xff\xff", timeout=5)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_health_answers_per_service_and_not_serving_once_draining() -> None:
+    health = Health()
+    path = "/grpc.health.v1.Health/Check"
+
+    def ask(service: str) -> int:
+        raw = running.unary(path)(health_pb2.HealthCheckRequest(service=service).SerializeToString(), timeout=5)
+        return health_pb2.HealthCheckResponse.FromString(raw).status
+
+    with serving({path: health.check}) as running:
+        running.run(health.set("", health_pb2.HealthCheckResponse.SERVING))
+        assert ask("") == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            ask("nope")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        running.run(health.enter_graceful_shutdown())
+        running.run(health.set("", health_pb2.HealthCheckResponse.SERVING))  # ignored from now on
+        assert ask("") == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_unknown_methods_errors_and_failures_end_with_their_status() -> None:
+    async def refuses(message: bytes) -> bytes:
+        raise GrpcError(NOT_FOUND, "no such thing: ünïcode 100% kept")
+
+    async def breaks(message: bytes) -> bytes:
+        raise ValueError("a bug")
+
+    with serving({"/t.T/Refuses": refuses, "/t.T/Breaks": breaks}) as running:
+        with pytest.raises(grpc.RpcError) as unknown:
+            running.unary("/t.T/Nope")(b"", timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as refused:
+            running.unary("/t.T/Refuses")(b"x", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert refused.value.details() == "no such thing: ünïcode 100% kept"
+        with pytest.raises(grpc.RpcError) as broken:
+            running.unary("/t.T/Breaks")(b"x", timeout=5)
+        assert broken.value.code() == grpc.StatusCode.INTERNAL and "a bug" not in broken.value.details()
+
+
+def test_a_stream_is_answered_in_order_and_ends_when_done_or_when_the_client_ends() -> None:
+    made: list[Echo] = []
+
+    def opener(wait: float) -> Callable[[], Echo]:
+        def make() -> Echo:
+            made.append(Echo(3, wait))
+            return made[-1]
+        return make
+
+    with serving(streams={"/t.T/Echo": opener(0.0), "/t.T/Slow": opener(0.01)}) as running:
+        for path in ("/t.T/Echo", "/t.T/Slow"):
+            answers = list(running.streaming(path)(iter([b"a", b"b", b"c", b"d", b"e"]), timeout=5))
+            assert answers == [b"1:a", b"2:b", b"3:c"]
+            assert not made[-1].ended_early
+            call = running.streaming(path)(iter([b"a", b"b"]), timeout=5)
+            assert list(call) == [b"1:a", b"2:b"] and call.code() == grpc.StatusCode.OK
+            assert made[-1].ended_early
+
+
+def test_large_messages_both_ways_follow_each_others_flow_control() -> None:
+    big = bytes(range(256)) * (3 * 4096)  # 3 MiB: beyond grpcio's initial windows and our frame size
+
+    async def size(message: bytes) -> bytes:
+        return str(len(message)).encode()
+
+    with serving({"/t.T/Size": size}, {"/t.T/Echo": lambda: Echo(2)}) as running:
+        assert running.unary("/t.T/Size")(big * 2, timeout=20) == str(len(big) * 2).encode()
+        answers = list(running.streaming("/t.T/Echo")(iter([big, big[::-1]]), timeout=20))
+        assert answers == [b"1:" + big, b"2:" + big[::-1]]
+        with pytest.raises(grpc.RpcError) as too_big:
+            running.unary("/t.T/Size")(b"x" * ((8 << 20) + 1), timeout=20)
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_call_the_client_gives_up_on_is_cancelled_here() -> None:
+    outcome: list[str] = []
+
+    async def slow(message: bytes) -> bytes:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        return b""
+
+    with serving({"/t.T/Slow": slow}) as running:
+        with pytest.raises(grpc.RpcError) as late:
+            running.unary("/t.T/Slow")(b"x", timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        running.run(asyncio.sleep(0.2))
+    assert outcome == ["cancelled"]
+
+
+def test_stop_lets_a_call_in_progress_finish_and_refuses_new_ones() -> None:
+    async def slow(message: bytes) -> bytes:
+        await asyncio.sleep(0.3)
+        return b"done"
+
+    running = Serving(Methods({"/t.T/Slow": slow}, {}))
+    try:
+        pending = running.unary("/t.T/Slow").future(b"x", timeout=5)
+        running.run(asyncio.sleep(0.1))
+        running.run(running.server.stop(2.0))
+        assert pending.result() == b"done"
+        with pytest.raises(grpc.RpcError) as refused:
+            running.unary("/t.T/Slow")(b"x", timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.channel.close()
+        running.loop.call_soon_threadsafe(running.loop.stop)
+        running.thread.join(5)
+
+
+# --- raw frames ----------------------------------------------------------------------------------
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return http2.frame(kind, flags, stream, payload)
+
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Size"), (":authority", "x"),
+           ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+class Raw:
+    """A hand-driven client connection: frames out as written, frames in as parsed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.encoder = hpack.Encoder()
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    async def next(self, timeout: float = 5) -> tuple[int, int, int, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
+        length = int.from_bytes(head[:3], "big")
+        payload = await self.reader.readexactly(length)
+        return head[3], head[4], struct.unpack(">I", head[5:9])[0] & 0x7FFFFFFF, payload
+
+    async def until(self, kind: int, timeout: float = 5) -> tuple[int, int, int, bytes]:
+        while True:
+            found = await self.next(timeout)
+            if found[0] == kind:
+                return found
+
+    async def closed(self) -> bool:
+        try:
+            while await asyncio.wait_for(self.reader.read(65536), 5):
+                pass
+        except ConnectionError:
+            pass
+        return True
+
+
+def raw_scenario(scenario: Callable[[Raw], Coroutine[Any, Any, None]], preface: bool = True) -> None:
+    async def size(message: bytes) -> bytes:
+        return str(len(message)).encode()
+
+    async def main() -> None:
+        server = LeanGrpcServer(Methods({"/t.T/Size": size}, {}), "127.0.0.1:0")
+        await server.start()
+        try:
+            raw = Raw(*await asyncio.open_connection("127.0.0.1", server.port))
+            if preface:
+                raw.send(http2.PREFACE, frame(http2.SETTINGS, 0, 0))
+            await scenario(raw)
+            raw.writer.close()
+        finally:
+            await server.stop(0.5)
+
+    asyncio.run(main())
+
+
+def grpc_message(body: bytes) -> bytes:
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def test_not_http2_is_refused_with_goaway_and_the_connection_closed() -> None:
+    async def scenario(raw: Raw) -> None:
+        raw.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        _, _, _, payload = await raw.until(http2.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == http2.PROTOCOL_ERROR
+        assert await raw.closed()
+
+    raw_scenario(scenario, preface=False)
+
+
+def test_settings_and_pings_are_acknowledged() -> None:
+    async def scenario(raw: Raw) -> None:
+        _, flags, _, payload = await raw.until(http2.SETTINGS)
+        assert not flags & http2.ACK and payload  # the server's own settings come first
+        assert (await raw.until(http2.SETTINGS))[1] & http2.ACK
+        raw.send(frame(http2.PING, 0, 0, b"12345678"))
+        _, flags, _, payload = await raw.until(http2.PING)
+        assert flags & http2.ACK and payload == b"12345678"
+
+    raw_scenario(scenario)
+
+
+def test_a_header_block_in_pieces_and_a_padded_body_are_read_whole() -> None:
+    async def scenario(raw: Raw) -> None:
+        block = raw.encoder.encode(REQUEST)
+        body = grpc_message(b"hello")
+        raw.send(frame(http2.HEADERS, 0, 1, block[:5]), frame(http2.CONTINUATION, 0, 1, block[5:9]),
+                 frame(http2.CONTINUATION, http2.END_HEADERS, 1, block[9:]),
+                 frame(http2.DATA, http2.PADDED | http2.END_STREAM, 1, bytes([3]) + body + b"\x00\x00\x00"))
+        _, _, stream, payload = await raw.until(http2.DATA)
+        assert stream == 1 and payload == grpc_message(b"5")
+        _, flags, _, trailers = await raw.until(http2.HEADERS)
+        assert flags & http2.END_STREAM and (b"grpc-status", b"0") in hpack.Decoder().decode(trailers, raw=True)
+
+    raw_scenario(scenario)
+
+
+def test_data_is_sent_only_as_far_as_the_peers_window_allows() -> None:
+    async def scenario(raw: Raw) -> None:
+        raw.send(frame(http2.SETTINGS, 0, 0, struct.pack(">HI", http2.SETTINGS_INITIAL_WINDOW_SIZE, 4)))
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(REQUEST)),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"x" * 1000)))
+        _, _, _, first = await raw.until(http2.DATA)
+        assert first == grpc_message(b"1000")[:4]  # 9 bytes to send, 4 allowed
+        with pytest.raises(TimeoutError):
+            await raw.until(http2.DATA, timeout=0.3)
+        raw.send(frame(http2.WINDOW_UPDATE, 0, 1, struct.pack(">I", 100)))
+        _, _, _, rest = await raw.until(http2.DATA)
+        assert first + rest == grpc_message(b"1000")
+        _, flags, _, _ = await raw.until(http2.HEADERS)
+        assert flags & http2.END_STREAM
+
+    raw_scenario(scenario)
+
+
+@pytest.mark.parametrize("case", ["oversized frame", "beyond the stream window", "DATA on an idle stream",
+                                  "CONTINUATION without HEADERS", "HEADERS on an even stream"])
+def test_a_peer_breaking_the_protocol_gets_goaway_with_its_error(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "STREAM_WINDOW", 1000)
+    expected = {"oversized frame": http2.FRAME_SIZE_ERROR, "beyond the stream window": http2.FLOW_CONTROL_ERROR}
+
+    async def scenario(raw: Raw) -> None:
+        block = raw.encoder.encode(REQUEST)
+        raw.send({
+            "oversized frame": frame(http2.DATA, 0, 1, b"x" * 10)[:3].replace(b"\x00\x00\x0a", b"\x7f\xff\xff")
+            + frame(http2.DATA, 0, 1, b"x" * 10)[3:],
+            "beyond the stream window": frame(http2.HEADERS, http2.END_HEADERS, 1, block)
+            + frame(http2.DATA, 0, 1, b"x" * 1001),
+            "DATA on an idle stream": frame(http2.DATA, 0, 7, b"x"),
+            "CONTINUATION without HEADERS": frame(http2.CONTINUATION, http2.END_HEADERS, 1, block),
+            "HEADERS on an even stream": frame(http2.HEADERS, http2.END_HEADERS, 2, block),
+        }[case])
+        _, _, _, payload = await raw.until(http2.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == expected.get(case, http2.PROTOCOL_ERROR)
+        assert await raw.closed()
+
+    raw_scenario(scenario)
+
+
+def test_a_truncated_message_and_a_compressed_one_end_their_call_not_the_connection() -> None:
+    async def scenario(raw: Raw) -> None:
+        block = raw.encoder.encode(REQUEST)
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, block),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"abc")[:-1]),
+                 frame(http2.HEADERS, http2.END_HEADERS, 3, raw.encoder.encode(REQUEST)),
+                 frame(http2.DATA, http2.END_STREAM, 3, b"\x01" + grpc_message(b"abc")[1:]))
+        statuses = {}
+        while len(statuses) < 2:
+            _, flags, stream, block_in = await raw.until(http2.HEADERS)
+            fields = dict(hpack.Decoder().decode(block_in, raw=True)) if flags & http2.END_STREAM else {}
+            if b"grpc-status" in fields:
+                statuses[stream] = int(fields[b"grpc-status"])
+        assert statuses == {1: INTERNAL, 3: 12}
+        raw.send(frame(http2.PING, 0, 0, b"still-up"))
+        assert (await raw.until(http2.PING))[3] == b"still-up"
+
+    raw_scenario(scenario)
