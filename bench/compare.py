@@ -74,6 +74,7 @@ from extauthz.demo.processes import (
     free_port,
     render_envoy_config,
 )
+from extauthz.server.app import GRPC_SERVER_ENV
 
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -89,13 +90,14 @@ MEANINGS = {
     "envoy_sample_api": "Envoy alone in front of the demo's SampleApi (http.server): shows whether it caps throughput",
     "jwt_rbac": "Envoy's C++ peer: jwt_authn (local JWKS, same issuer/audience) + RBAC (GET /v1/products*, sub user-*)",
     "extauthz_authz_only": "extauthz serve, seed policy, shipped envoy.yaml without the ext_proc filter",
+    "extauthz_grpcio": "the same on grpc.aio instead of extauthz's own HTTP/2 server (EXTAUTHZ_GRPC_SERVER=grpcio)",
     "shipped_unfiltered": "shipped envoy.yaml as is, a route no filter covers (ext_proc skipped by the matcher)",
     "shipped_filtered_10k": "shipped envoy.yaml, GET /v1/orders: ~10 KB JSON filtered per caller by ext_proc",
     "relationship_cached": "shipped envoy.yaml, a rule with an OpenFGA condition, answer in the in-process cache",
     "http_transport": "extauthz serve --http-address behind envoy/envoy-http.yaml (ext_authz over HTTP)",
 }
-ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "shipped_unfiltered",
-         "shipped_filtered_10k", "relationship_cached", "http_transport"]
+ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "extauthz_grpcio",
+         "shipped_unfiltered", "shipped_filtered_10k", "relationship_cached", "http_transport"]
 
 
 # --- Envoy config edits -----------------------------------------------------------------------------
@@ -249,10 +251,11 @@ def _envoy(shared: Shared, source: Path, edit: Callable[[dict[str, Any]], None],
         ports.listener
 
 
-def _sidecar(shared: Shared, name: str, policy: str, port: int, extra: list[str] | None = None) -> SidecarProcess:
+def _sidecar(shared: Shared, name: str, policy: str, port: int, extra: list[str] | None = None,
+             env: dict[str, str] | None = None) -> SidecarProcess:
     path = shared.workdir / f"{name}.policy.yaml"
     path.write_text(policy.replace("JWKS_URI", shared.idp.jwks_uri).replace("ISSUER", shared.idp.issuer))
-    return SidecarProcess(path, port, log_path=shared.workdir / f"{name}.sidecar.log", extra=extra)
+    return SidecarProcess(path, port, env=env, log_path=shared.workdir / f"{name}.sidecar.log", extra=extra)
 
 
 def _auth_checks(target: Target, shared: Shared) -> None:
@@ -321,9 +324,10 @@ def scenario_floor(shared: Shared, *flags: str) -> Iterator[Target]:
 @contextlib.contextmanager
 def _extauthz(shared: Shared, name: str, policy: str, path: str, source: Path = ENVOY_DIR / "envoy.yaml",
               edit: Callable[[dict[str, Any]], None] | None = None, sidecar_extra: list[str] | None = None,
-              ports: Ports | None = None, others: dict[str, int] | None = None) -> Iterator[Target]:
+              ports: Ports | None = None, others: dict[str, int] | None = None,
+              sidecar_env: dict[str, str] | None = None) -> Iterator[Target]:
     ports = ports or Ports.free()
-    sidecar = _sidecar(shared, name, policy, ports.extauthz, sidecar_extra)
+    sidecar = _sidecar(shared, name, policy, ports.extauthz, sidecar_extra, sidecar_env)
     envoy, port = _envoy(shared, source, edit or (lambda config: None), name, ports)
     try:
         in_parallel(sidecar.start, envoy.start)
@@ -339,6 +343,18 @@ def _extauthz(shared: Shared, name: str, policy: str, path: str, source: Path = 
 def scenario_extauthz_authz_only(shared: Shared) -> Iterator[Target]:
     with _extauthz(shared, "extauthz_authz_only", seed_policy(), "/v1/products/1", edit=without_ext_proc) as target:
         _auth_checks(target, shared)
+        yield target
+
+
+@contextlib.contextmanager
+def scenario_extauthz_grpcio(shared: Shared) -> Iterator[Target]:
+    with _extauthz(shared, "extauthz_grpcio", seed_policy(), "/v1/products/1", edit=without_ext_proc,
+                   sidecar_env={GRPC_SERVER_ENV: "grpcio"}) as target:
+        _auth_checks(target, shared)
+        log = (shared.workdir / "extauthz_grpcio.sidecar.log").read_text()
+        if '"grpc_server":"grpcio"' not in log.replace(" ", ""):
+            raise AssertionError(f"the sidecar did not say it serves on grpc.aio: {log[-500:]}")
+        target.checks.append("served by grpc.aio (its listening line)")
         yield target
 
 
@@ -407,6 +423,7 @@ SCENARIOS: dict[str, Callable[[Shared], contextlib.AbstractContextManager[Target
     "envoy_sample_api": scenario_envoy_sample_api,
     "jwt_rbac": scenario_jwt_rbac,
     "extauthz_authz_only": scenario_extauthz_authz_only,
+    "extauthz_grpcio": scenario_extauthz_grpcio,
     "shipped_unfiltered": scenario_shipped_unfiltered,
     "shipped_filtered_10k": scenario_shipped_filtered_10k,
     "relationship_cached": scenario_relationship_cached,

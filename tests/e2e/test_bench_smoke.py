@@ -40,7 +40,7 @@ def test_smoke_run_loads_every_scenario_without_errors_and_writes_the_report(tmp
         assert (row["non_2xx"], row["socket_errors"]) == (0, 0), label
         assert row["envoy_cpu_us"] > 0, label
         assert row["rps_vs_floor"] is not None, label
-    for label in ("floor", "extauthz_authz_only", "shipped_unfiltered", "shipped_filtered_10k",
+    for label in ("floor", "extauthz_authz_only", "extauthz_grpcio", "shipped_unfiltered", "shipped_filtered_10k",
                   "relationship_cached"):
         assert rows[label]["sidecar_cpu_us"] > 0 and rows[label]["sidecar_rss_mb"] > 0, label
     # each scenario did what it claims, by Envoy's own counters (per completed request: the few requests
