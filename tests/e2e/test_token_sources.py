@@ -122,3 +122,13 @@ def test_every_token_source_is_stripped_not_only_the_one_used(
         assert "keep=1" in seen["path"]
     if "theme=dark" in headers.get("cookie", ""):
         assert seen["headers"]["cookie"] == "theme=dark"
+
+
+def test_a_token_signed_by_a_key_published_since_start_is_verified_at_once(stack: Stack) -> None:
+    """The Check fetches the key set itself when a token names a key it has not seen (a rotation at the
+    IdP): on every transport, not only once the periodic refresh has run. The HTTP transport, whose Check
+    starts outside a task, used to fail that fetch and answer 401 until the refresh."""
+    new_key = stack.idp.rotate()  # the old key stays published: the module's other tests are unaffected
+    r = stack.request("GET", "/v1/orders", headers={"x-api-token": stack.idp.token(sub="user-1", key=new_key)})
+    assert r.status == 200, r.body
+    assert "jwks_fetch_failed" not in (stack.workdir / "sidecar.log").read_text()
