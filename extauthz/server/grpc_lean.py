@@ -90,17 +90,35 @@ def _framed(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
+class _Unary:
+    """A unary method as a stream that is done after its one answer: both kinds of call share one path."""
+
+    __slots__ = ("_handler", "done")
+
+    def __init__(self, handler: Unary) -> None:
+        self._handler = handler
+        self.done = False
+
+    async def answer(self, message: bytes) -> bytes:
+        answer = await self._handler(message)
+        self.done = True
+        return answer
+
+    def ended(self) -> None:
+        """Never called: a unary call is answered only once its request has ended."""
+
+
 class _Call:
-    """The state of one call: its method, the message bytes not yet whole, and a stream's queue."""
+    """The state of one call: the message bytes not yet whole, the messages waiting for an answer."""
 
-    __slots__ = ("answered", "buffer", "ended", "message", "queue", "stream", "streaming", "task", "unary")
+    __slots__ = ("answered", "buffer", "ended", "message", "queue", "stream", "streaming", "task")
 
-    def __init__(self, unary: Unary | None, stream: MessageStream | None) -> None:
-        self.unary = unary
-        self.stream = stream
-        self.streaming = stream is not None
+    def __init__(self) -> None:
+        self.stream: MessageStream | None = None
+        self.streaming = False
         self.buffer = bytearray()
         self.message: bytes | None = None
+        """A unary call's request, answered once the request has ended."""
         self.queue: deque[bytes] = deque()
         self.task: asyncio.Task[None] | None = None
         self.answered = False
@@ -131,7 +149,7 @@ class _Connection(Http2Connection):
         path = fields.get(b":path", b"").decode("ascii", "replace")
         methods = self._server.methods
         unary, opener = methods.unary.get(path), methods.streams.get(path)
-        call = _Call(unary, None)
+        call = _Call()
         stream.handler = call
         if fields.get(b":method") != b"POST" or not fields.get(b"content-type", b"").startswith(b"application/grpc"):
             self._finish(stream, call, UNIMPLEMENTED, "not a gRPC request (POST of application/grpc)")
@@ -142,6 +160,9 @@ class _Connection(Http2Connection):
         else:
             if opener is not None:
                 call.stream, call.streaming = opener(), True
+            else:
+                assert unary is not None
+                call.stream = _Unary(unary)
             if stream.remote_closed:
                 self.stream_data(stream, b"", True)
 
@@ -174,10 +195,12 @@ class _Connection(Http2Connection):
         if end_stream and buffer:
             self._finish(stream, call, INTERNAL, "the request ended inside a message")
             return
-        if call.streaming:
-            self._pump(stream, call)
-        elif end_stream:
-            self._unary(stream, call)
+        if not call.streaming and end_stream:
+            if call.message is None:
+                self._finish(stream, call, INTERNAL, "the request carried no message")
+                return
+            call.queue.append(call.message)
+        self._pump(stream, call)
 
     def stream_reset(self, stream: Stream) -> None:
         call: _Call | None = stream.handler  # type: ignore[assignment]
@@ -187,26 +210,6 @@ class _Connection(Http2Connection):
                 call.task.cancel()
 
     # --- answers ------------------------------------------------------------------------------------
-
-    def _unary(self, stream: Stream, call: _Call) -> None:
-        if call.message is None:
-            self._finish(stream, call, INTERNAL, "the request carried no message")
-            return
-        assert call.unary is not None
-        call.task = run_eagerly(self._answer_unary(stream, call, call.unary(call.message)))
-
-    async def _answer_unary(self, stream: Stream, call: _Call, answering: Awaitable[bytes]) -> None:
-        try:
-            answer = await answering
-        except Exception as exc:  # noqa: BLE001 - the call ends with a status, whatever went wrong
-            self._failed(stream, call, exc)
-            return
-        if call.ended:
-            return
-        call.ended = True
-        self.send_headers(stream, RESPONSE_HEADERS)
-        self.send_data(stream, _framed(answer))
-        self.end_stream(stream, TRAILERS_OK)
 
     def _pump(self, stream: Stream, call: _Call) -> None:
         """Answer the stream's queued messages in order, one at a time; end the call when it is done."""
