@@ -386,3 +386,23 @@ def test_a_truncated_message_and_a_compressed_one_end_their_call_not_the_connect
         assert (await raw.until(http2.PING))[3] == b"still-up"
 
     raw_scenario(scenario)
+
+
+def test_remembered_header_blocks_decode_as_hpack_does_when_the_table_changes_under_them() -> None:
+    """Envoy's repeated blocks are decoded once per table state: a change to the dynamic table (a new
+    entry shifts every index, a size update empties it) must never let an earlier decoding answer."""
+    encoder, reference, remembering = hpack.Encoder(), hpack.Decoder(), http2.HeaderDecoder()
+    first = encoder.encode(REQUEST)  # literals, indexed: the table fills
+    repeated = encoder.encode(REQUEST)  # indexes only: remembered
+    adds = encoder.encode([(":path", "/t.T/Other")])  # a new entry: every index shifts by one
+    decoded = []
+    for block in (first, repeated, repeated, adds, repeated, repeated):
+        decoded.append(reference.decode(block, raw=True))
+        assert remembering.decode(block) == decoded[-1]
+    assert decoded[4] != decoded[2]  # the same bytes name other fields once the table changed
+    empty_table = b"\x20"  # a dynamic table size update to 0
+    assert remembering.decode(empty_table) == reference.decode(empty_table, raw=True) == []
+    with pytest.raises(hpack.HPACKError):
+        reference.decode(repeated, raw=True)
+    with pytest.raises(hpack.HPACKError):
+        remembering.decode(repeated)
