@@ -257,7 +257,6 @@ class _Exchange:
         log.warning("response_blocked", decision_id=self.plan.decision_id, proxy=self.plan.proxy,
                     code=code, detail=detail, upstream_bytes=size or None)
 
-
     async def respond(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """:meth:`answer`, timed, and failing closed: an error in here never lets the body through unfiltered."""
         started = time.perf_counter()
