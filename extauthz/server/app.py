@@ -23,7 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from extauthz.observability import metrics
 from extauthz.observability.http import ObservabilityServer
 from extauthz.server import authorization
-from extauthz.server.grpc_lean import Health, LeanGrpcServer, Methods
+from extauthz.server.grpc_lean import LeanGrpcServer, Methods, health_check
 from extauthz.server.http_authorization import HttpAuthorizationServer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
@@ -68,11 +68,10 @@ class Server:
         self.certificates: CertificateReloader | None = None
         self.grpc: grpc.aio.Server | None = None
         self.lean: LeanGrpcServer | None = None
-        self.health: HealthServicer | Health
+        self.health = HealthServicer()
         if tls is None and grpc_server() == "lean":
-            self.health = Health()
             self.lean = LeanGrpcServer(Methods(
-                unary={authorization.CHECK_PATH: checks.check_message, HEALTH_CHECK_PATH: self.health.check},
+                unary={authorization.CHECK_PATH: checks.check_message, HEALTH_CHECK_PATH: health_check(self.health)},
                 streams={PROCESS_PATH: processor.open_stream},
             ), address, reuse_port=reuse_port)
             self.port = self.lean.port
@@ -82,7 +81,6 @@ class Server:
             )
             authorization.add_to_server(checks, self.grpc)
             external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, self.grpc)
-            self.health = HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
             if tls is not None:
                 credentials, self.certificates = server_credentials(tls)

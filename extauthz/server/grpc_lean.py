@@ -28,10 +28,12 @@ import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
+import grpc
 import structlog
 from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 
 from extauthz.eager import run_eagerly
 from extauthz.server.http2 import Http2Connection, Stream, literal_block
@@ -39,7 +41,7 @@ from extauthz.server.validation import parse_address
 
 log = structlog.get_logger("extauthz.grpc")
 
-OK, INTERNAL, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 0, 13, 5, 8, 12
+OK, INTERNAL, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 0, 13, 8, 12
 MAX_MESSAGE = 8 << 20
 """The largest request message accepted, as ``grpc.max_receive_message_length`` on the grpc.aio server."""
 
@@ -111,15 +113,14 @@ class _Unary:
 class _Call:
     """The state of one call: the message bytes not yet whole, the messages waiting for an answer."""
 
-    __slots__ = ("answered", "buffer", "ended", "message", "queue", "stream", "streaming", "task")
+    __slots__ = ("answered", "buffer", "ended", "queue", "stream", "streaming", "task")
 
     def __init__(self) -> None:
         self.stream: MessageStream | None = None
         self.streaming = False
         self.buffer = bytearray()
-        self.message: bytes | None = None
-        """A unary call's request, answered once the request has ended."""
         self.queue: deque[bytes] = deque()
+        """Whole messages waiting for their answer (a unary call's one, until its request has ended)."""
         self.task: asyncio.Task[None] | None = None
         self.answered = False
         """Response headers sent."""
@@ -167,7 +168,7 @@ class _Connection(Http2Connection):
                 self.stream_data(stream, b"", True)
 
     def stream_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
-        call: _Call = stream.handler  # type: ignore[assignment]
+        call: _Call = stream.handler
         if call.ended:
             return
         buffer = call.buffer
@@ -183,27 +184,24 @@ class _Connection(Http2Connection):
                 return
             if len(buffer) < 5 + length:
                 break
-            message = bytes(buffer[5:5 + length])
+            call.queue.append(bytes(buffer[5:5 + length]))
             del buffer[:5 + length]
-            if call.streaming:
-                call.queue.append(message)
-            elif call.message is None:
-                call.message = message
-            else:
+            if not call.streaming and len(call.queue) > 1:
                 self._finish(stream, call, UNIMPLEMENTED, "more than one request message on a unary call")
                 return
         if end_stream and buffer:
             self._finish(stream, call, INTERNAL, "the request ended inside a message")
             return
-        if not call.streaming and end_stream:
-            if call.message is None:
+        if call.streaming:
+            self._pump(stream, call)
+        elif end_stream:  # a unary call is answered once its request has ended, with its one message
+            if call.queue:
+                self._pump(stream, call)
+            else:
                 self._finish(stream, call, INTERNAL, "the request carried no message")
-                return
-            call.queue.append(call.message)
-        self._pump(stream, call)
 
     def stream_reset(self, stream: Stream) -> None:
-        call: _Call | None = stream.handler  # type: ignore[assignment]
+        call: _Call | None = stream.handler
         if call is not None and not call.ended:
             call.ended = True
             if call.task is not None:
@@ -278,14 +276,7 @@ class LeanGrpcServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._listen.is_unix:
-            self._server = await loop.create_unix_server(lambda: _Connection(self), self._listen.unix_path)
-        else:
-            self._server = await loop.create_server(lambda: _Connection(self), self._listen.host or None,
-                                                    self._listen.port, reuse_address=True,
-                                                    reuse_port=self._reuse_port or None)
-            self.port = int(self._server.sockets[0].getsockname()[1])
+        self._server, self.port = await self._listen.serve(lambda: _Connection(self), self._reuse_port)
 
     async def stop(self, grace: float) -> None:
         """Accept nothing new (GOAWAY to every connection), let calls in progress end within ``grace``, close."""
@@ -302,25 +293,18 @@ class LeanGrpcServer:
                 connection.transport.close()
 
 
-class Health:
-    """``grpc.health.v1.Health/Check`` for the lean server, with the calls app.py makes on grpc's servicer."""
+class _AbortOnly:
+    """The one call grpc_health's servicer makes on its context: ``abort`` (for an unknown service)."""
 
-    def __init__(self) -> None:
-        self._status: dict[str, int] = {}
-        self._shutting_down = False
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise GrpcError(code.value[0], details or f"{code.value[1]}")
 
-    async def set(self, service: str, status: int) -> None:
-        if not self._shutting_down:
-            self._status[service] = status
 
-    async def enter_graceful_shutdown(self) -> None:
-        self._shutting_down = True
-        for service in self._status:
-            self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+def health_check(servicer: HealthServicer) -> Unary:
+    """``grpc.health.v1.Health/Check`` answered by the same servicer (and statuses) grpc.aio serves."""
 
-    async def check(self, message: bytes) -> bytes:
-        service = health_pb2.HealthCheckRequest.FromString(message).service
-        status = self._status.get(service)
-        if status is None:
-            raise GrpcError(NOT_FOUND, f"unknown service {service!r}")
-        return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+    async def check(message: bytes) -> bytes:
+        response = await servicer.Check(health_pb2.HealthCheckRequest.FromString(message), _AbortOnly())
+        return bytes(response.SerializeToString())
+
+    return check

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Iterable
-from typing import cast
+from typing import Any, cast
 
 import hpack
 import hpack.table
@@ -42,11 +42,10 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
-ENHANCE_YOUR_CALM = 0xB
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x5, 0x6
+REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x9, 0xB
 
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x2, 0x3
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
 DEFAULT_WINDOW = 65_535
@@ -82,29 +81,12 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 
 def literal_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """A header block of literal fields without indexing (RFC 7541, 6.2.2): no state, valid on any connection."""
-    out = bytearray()
-    for name, value in fields:
-        out.append(0)
-        out += _length(name)
-        out += name
-        out += _length(value)
-        out += value
-    return bytes(out)
+    """A header block that changes no dynamic table: a fresh encoder, fields never indexed (RFC 7541, 6.2.3).
 
-
-def _length(data: bytes) -> bytes:
-    """An HPACK string length with a 7-bit prefix, Huffman off."""
-    n = len(data)
-    if n < 127:
-        return bytes((n,))
-    out = bytearray((127,))
-    n -= 127
-    while n >= 128:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    Static-table matches are still used (``:status: 200`` is one byte), so the
+    block is valid on any connection, whatever its table holds.
+    """
+    return bytes(hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(n, v) for n, v in fields], huffman=False))
 
 
 class _Table(hpack.table.HeaderTable):
@@ -170,7 +152,6 @@ class Stream:
         "handler",
         "headers",
         "id",
-        "local_closed",
         "pending",
         "received",
         "remote_closed",
@@ -192,8 +173,7 @@ class Stream:
         self.trailers: bytes | None = None
         """The closing header block, sent once ``pending`` is out."""
         self.remote_closed = False
-        self.local_closed = False
-        self.handler: object = None
+        self.handler: Any = None
         """What the subclass keeps for this stream."""
 
 
@@ -555,7 +535,6 @@ class Http2Connection(asyncio.Protocol):
             self.flush()
 
     def _closed_locally(self, stream: Stream) -> None:
-        stream.local_closed = True
         self.streams.pop(stream.id, None)
         self._blocked.pop(stream.id, None)
         if not stream.remote_closed:

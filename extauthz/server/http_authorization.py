@@ -218,14 +218,7 @@ class HttpAuthorizationServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._listen.is_unix:
-            self._server = await loop.create_unix_server(lambda: _CheckConnection(self), self._listen.unix_path)
-        else:
-            self._server = await loop.create_server(lambda: _CheckConnection(self), self._listen.host,
-                                                    self._listen.port, reuse_address=True,
-                                                    reuse_port=self._reuse_port or None)
-            self.port = int(self._server.sockets[0].getsockname()[1])
+        self._server, self.port = await self._listen.serve(lambda: _CheckConnection(self), self._reuse_port)
         log.info("http_authz_listening", address=self.address, port=self.port)
 
     async def stop(self, grace: float) -> None:

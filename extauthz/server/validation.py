@@ -9,6 +9,7 @@ the server would reject, and every issue names ``file:line: field``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import json
@@ -50,6 +51,20 @@ class ListenAddress:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    async def serve(self, protocol: Callable[[], asyncio.Protocol], reuse_port: bool = False,
+                    ) -> tuple[asyncio.Server, int]:
+        """Listen here on the running loop; returns the server and the bound port (0 for a Unix socket).
+
+        ``reuse_port``: workers (``serve --workers``) share the port, and the
+        kernel spreads connections over them.
+        """
+        loop = asyncio.get_running_loop()
+        if self.is_unix:
+            return await loop.create_unix_server(protocol, self.unix_path), 0
+        server = await loop.create_server(protocol, self.host or None, self.port, reuse_address=True,
+                                          reuse_port=reuse_port or None)
+        return server, int(server.sockets[0].getsockname()[1])
 
 
 def parse_address(spec: str, unix: bool = True) -> ListenAddress:
