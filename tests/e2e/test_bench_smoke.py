@@ -57,6 +57,23 @@ def test_smoke_run_loads_every_scenario_without_errors_and_writes_the_report(tmp
     assert json.loads((tmp_path / "compare.json").read_text())["rows"] == report["rows"]
 
 
+def test_rounds_run_every_scenario_again_between_floors_and_report_medians(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--smoke", "--rounds", "2", "--only", "extauthz_grpcio", "--json",
+         "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout)
+    assert [r["label"] for r in report["runs"]] == [
+        "floor (round 1)", "extauthz_grpcio (round 1)", "floor (round 2)", "extauthz_grpcio (round 2)", "floor (end)"]
+    assert [r["label"] for r in report["rows"]] == ["floor (median of 3)", "extauthz_grpcio (median of 2)"]
+    median = report["rows"][1]
+    assert median["requests"] == sum(r["requests"] for r in report["runs"] if r["scenario"] == "extauthz_grpcio")
+    assert "served by grpc.aio (its listening line)" in median["checks"]
+    assert "| extauthz_grpcio |" in (tmp_path / "compare.md").read_text()  # each round's ratios, beside the medians
+
+
 def test_soak_smoke_serves_distinct_callers_and_samples_the_sidecar_memory(tmp_path: Path) -> None:
     assert shutil.which("wrk"), "wrk is not installed: `make test` installs it (apt-get install wrk)"
     out = subprocess.run(
