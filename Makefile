@@ -22,7 +22,8 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 test: $(VENV)/.installed lint
-	@(command -v redis-server && command -v wrk) >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server wrk)
+	@(command -v redis-server && command -v wrk && command -v valgrind) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server wrk valgrind)
 	$(BIN)/pytest -q -n auto
 
 # make bench ARGS="--smoke" | ARGS="--duration 30 --only jwt_rbac,shipped_filtered_10k" (docs/benchmarks.md)

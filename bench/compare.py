@@ -50,6 +50,7 @@ from typing import Any
 
 import orjson
 
+from bench import ceiling_authz
 from bench.harness import (
     WRK_SUMMARY,
     Module,
@@ -95,9 +96,12 @@ MEANINGS = {
     "shipped_filtered_10k": "shipped envoy.yaml, GET /v1/orders: ~10 KB JSON filtered per caller by ext_proc",
     "relationship_cached": "shipped envoy.yaml, a rule with an OpenFGA condition, answer in the in-process cache",
     "http_transport": "extauthz serve --http-address behind envoy/envoy-http.yaml (ext_authz over HTTP)",
+    "http_ceiling": "envoy/envoy-http.yaml asking a second Envoy (the sidecar here) that allows every check with "
+                    "extauthz's headers: the most any HTTP ext_authz server can reach on this machine",
 }
 ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "extauthz_grpcio",
-         "shipped_unfiltered", "shipped_filtered_10k", "relationship_cached", "http_transport"]
+         "shipped_unfiltered", "shipped_filtered_10k", "relationship_cached", "http_transport",
+         "http_ceiling"]
 
 
 # --- Envoy config edits -----------------------------------------------------------------------------
@@ -203,6 +207,8 @@ class Shared:
     token: str
     service_token: str
     orders: bytes
+    envoy_wrapper: tuple[str, ...] = ()
+    """A command each scenario's Envoy under test runs under (``bench.envoy_instructions``: callgrind)."""
 
 
 @dataclass
@@ -247,8 +253,8 @@ def _envoy(shared: Shared, source: Path, edit: Callable[[dict[str, Any]], None],
     """Envoy (not started) on ``source`` edited, in front of the shared upstream, and its listener port."""
     ports = ports or Ports.free()
     ports.app = shared.upstream.port
-    return Envoy(render_envoy_config(ports, source, edit), log_path=shared.workdir / f"{name}.envoy.log"), \
-        ports.listener
+    return Envoy(render_envoy_config(ports, source, edit), log_path=shared.workdir / f"{name}.envoy.log",
+                 wrapper=shared.envoy_wrapper), ports.listener
 
 
 def _sidecar(shared: Shared, name: str, policy: str, port: int, extra: list[str] | None = None,
@@ -412,6 +418,24 @@ def scenario_http_transport(shared: Shared) -> Iterator[Target]:
         yield target
 
 
+@contextlib.contextmanager
+def scenario_http_ceiling(shared: Shared) -> Iterator[Target]:
+    ports = Ports.free()
+    allow = Envoy(ceiling_authz.envoy_config(free_port(), ports.http), shared.workdir / "http_ceiling.allow.log")
+    envoy, port = _envoy(shared, HTTP_CONFIG, lambda config: None, "http_ceiling", ports)
+    try:
+        in_parallel(allow.start, envoy.start)
+        assert allow.process is not None
+        target = Target(envoy, port, "/v1/products/1", sidecar=allow.process.pid,
+                        others={"upstream": shared.upstream.pid})
+        expect(target, 200, shared.token)
+        target.checks.append("every check allowed without a decision (not a policy: the ceiling)")
+        yield target
+    finally:
+        envoy.stop()
+        allow.stop()
+
+
 def scenario_floor_uvloop(shared: Shared) -> contextlib.AbstractContextManager[Target]:
     return scenario_floor(shared, "--uvloop")
 
@@ -428,6 +452,7 @@ SCENARIOS: dict[str, Callable[[Shared], contextlib.AbstractContextManager[Target
     "shipped_filtered_10k": scenario_shipped_filtered_10k,
     "relationship_cached": scenario_relationship_cached,
     "http_transport": scenario_http_transport,
+    "http_ceiling": scenario_http_ceiling,
 }
 
 
@@ -517,6 +542,16 @@ def _enter(name: str, shared: Shared) -> Entered:
     return manager, manager.__enter__()
 
 
+@contextlib.contextmanager
+def shared_run() -> Iterator[Shared]:
+    """What a run's scenarios share, started: a scratch directory, the IdP and its tokens, the upstream."""
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp, IdentityProvider() as idp:
+        workdir = Path(tmp)
+        with started("bench.upstream", "--orders-bytes", str(ORDERS_BYTES), log=workdir / "upstream.log") as up:
+            orders = orjson.dumps(orders_document(ORDERS_BYTES))
+            yield Shared(workdir, idp, up, idp.token(sub=CALLER), idp.token(sub="svc-reporting"), orders)
+
+
 def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: Callable[[str], None]) -> list[Row]:
     """Each (scenario, round) in turn. In smoke mode the next one starts while the current one is loaded.
 
@@ -525,54 +560,50 @@ def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: C
     not for reading. A real run starts a scenario only once the previous one has
     stopped, so nothing but the scenario itself runs during its measurement.
     """
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp, IdentityProvider() as idp, \
-            concurrent.futures.ThreadPoolExecutor(1) as starter:
-        workdir = Path(tmp)
+    with shared_run() as shared, concurrent.futures.ThreadPoolExecutor(1) as starter:
+        workdir = shared.workdir
         script = workdir / "summary.lua"
         script.write_text(WRK_SUMMARY)
-        with started("bench.upstream", "--orders-bytes", str(ORDERS_BYTES), log=workdir / "upstream.log") as up:
-            orders = orjson.dumps(orders_document(ORDERS_BYTES))
-            shared = Shared(workdir, idp, up, idp.token(sub=CALLER), idp.token(sub="svc-reporting"), orders)
-            rows: list[Row] = []
-            upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0][0], shared)
-            rounds = args.rounds  # the last floor run is numbered one past the rounds
-            try:
-                for i, (name, round_) in enumerate(names):
-                    label = "floor (end)" if name == "floor" and round_ > rounds else \
-                        f"{name} (round {round_})" if rounds > 1 else name
-                    row = Row(name, label, MEANINGS[name], min(round_, rounds))
-                    rows.append(row)
-                    log(f"[{i + 1}/{len(names)}] {label}: {MEANINGS[name]}")
-                    started_at = time.monotonic()
-                    current, upcoming = upcoming, None
-                    assert current is not None
-                    last = i + 1 == len(names)
-                    if args.smoke and not last:
-                        upcoming = starter.submit(_enter, names[i + 1][0], shared)
-                    try:
-                        with contextlib.ExitStack() as stack:
-                            manager, target = current.result()
-                            stack.push(manager)
-                            row.checks = target.checks
-                            log("    verified: " + "; ".join(target.checks))
-                            measure(row, target, shared, args, script)
-                    except Skip as exc:
-                        row.skipped = str(exc)
-                        log(f"    SKIPPED: {exc}")
-                    except Exception as exc:
-                        row.failed = f"{type(exc).__name__}: {exc}"
-                        log(f"    FAILED: {row.failed}")
-                        _keep_logs(workdir, name)
-                    else:
-                        log(f"    {row.rps:,.0f} req/s, p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, "
-                            f"non-2xx {row.non_2xx}" + (" <-- ERRORS" if row.bad else "")
-                            + f" ({time.monotonic() - started_at:.1f} s)")
-                    if not args.smoke and not last:
-                        upcoming = starter.submit(_enter, names[i + 1][0], shared)
-            finally:
-                if upcoming is not None:  # interrupted: stop what was being started
-                    with contextlib.suppress(Exception):
-                        upcoming.result()[0].__exit__(None, None, None)
+        rows: list[Row] = []
+        upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0][0], shared)
+        rounds = args.rounds  # the last floor run is numbered one past the rounds
+        try:
+            for i, (name, round_) in enumerate(names):
+                label = "floor (end)" if name == "floor" and round_ > rounds else \
+                    f"{name} (round {round_})" if rounds > 1 else name
+                row = Row(name, label, MEANINGS[name], min(round_, rounds))
+                rows.append(row)
+                log(f"[{i + 1}/{len(names)}] {label}: {MEANINGS[name]}")
+                started_at = time.monotonic()
+                current, upcoming = upcoming, None
+                assert current is not None
+                last = i + 1 == len(names)
+                if args.smoke and not last:
+                    upcoming = starter.submit(_enter, names[i + 1][0], shared)
+                try:
+                    with contextlib.ExitStack() as stack:
+                        manager, target = current.result()
+                        stack.push(manager)
+                        row.checks = target.checks
+                        log("    verified: " + "; ".join(target.checks))
+                        measure(row, target, shared, args, script)
+                except Skip as exc:
+                    row.skipped = str(exc)
+                    log(f"    SKIPPED: {exc}")
+                except Exception as exc:
+                    row.failed = f"{type(exc).__name__}: {exc}"
+                    log(f"    FAILED: {row.failed}")
+                    _keep_logs(workdir, name)
+                else:
+                    log(f"    {row.rps:,.0f} req/s, p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, "
+                        f"non-2xx {row.non_2xx}" + (" <-- ERRORS" if row.bad else "")
+                        + f" ({time.monotonic() - started_at:.1f} s)")
+                if not args.smoke and not last:
+                    upcoming = starter.submit(_enter, names[i + 1][0], shared)
+        finally:
+            if upcoming is not None:  # interrupted: stop what was being started
+                with contextlib.suppress(Exception):
+                    upcoming.result()[0].__exit__(None, None, None)
     return rows
 
 
@@ -842,8 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs)
     notes = [drift, _upstream_note(rows),
              "Ratios: req/s and CPU per request against the mean of the floor runs around each run. CPU is "
-             "utime+stime from /proc over "
-             "the measured load only; the sidecar is `extauthz serve` (one process), or the floor server.",
+             "utime+stime from /proc over the measured load only; the sidecar is `extauthz serve` (one process), "
+             "the floor server, or the ceiling's fixed-allow Envoy.",
              "non-2xx is Envoy's own count (downstream_rq_completed - downstream_rq_2xx over the load), plus "
              "wrk's socket errors; any is flagged: a benchmark of errors measures nothing."]
     if args.smoke:

