@@ -625,8 +625,8 @@ def _upstream_note(rows: list[Row]) -> str:
         return (f"{base}: Envoy alone reached {fast:,.0f} req/s against it and {sample:,.0f} req/s against the "
                 f"demo's SampleApi (http.server, listen backlog raised to 128)"
                 + (f" with {errors} errors" if errors else "") + f", so {verdict}. The filtered scenario needs a "
-                "real upstream body, so Envoy's direct_response is not used anywhere: every scenario pays the same "
-                "upstream, and its CPU per request is listed with each scenario below.")
+                "real upstream body, so no scenario's upstream is Envoy's direct_response: every scenario pays the "
+                "same upstream, and its CPU per request is listed with each scenario below.")
     return base + "."
 
 
