@@ -7,9 +7,11 @@ import json
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from extauthz.demo.processes import free_port
 
@@ -56,3 +58,15 @@ def test_demo_prints_working_curls() -> None:
         demo.send_signal(signal.SIGINT)
         demo.wait(20)
     assert demo.returncode == 0
+
+
+def test_free_ports_are_never_ones_the_kernel_hands_out_nor_twice_the_same() -> None:
+    # A port from the ephemeral range can be taken by any bind(0) or outgoing connection before the
+    # caller's server binds it (Envoy then exits with "Address already in use").
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high]
+    for port in ports[:20]:  # and each is free to bind
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

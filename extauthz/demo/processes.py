@@ -49,9 +49,49 @@ def envoy_executable() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a server the caller starts next, free now and not one the kernel hands out.
+
+    A port found with ``bind(0)`` comes from the kernel's ephemeral range, where
+    every ``bind(0)`` and every outgoing connection also draws theirs: between
+    the check and the caller's server binding it, a server elsewhere binding port
+    0 or a client connecting can take it (tests running in parallel saw Envoy
+    fail with "Address already in use" that way). Ports come from outside that
+    range instead, where only callers of this function look, each process
+    walking up from its own starting point and never handing out a port twice.
+    """
+    span = _PortWalk.span()
+    if span is None:  # the ephemeral range leaves no room (an unusual kernel setting): the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    low, high = span
+    for _ in range(high - low):
+        port = low + (_PortWalk.start + _PortWalk.taken) % (high - low)
+        _PortWalk.taken += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free loopback port in {low}-{high - 1}")
+
+
+class _PortWalk:
+    """This process's walk through the ports outside the ephemeral range."""
+
+    taken = 0
+    start = os.getpid() * 7919
+
+    @staticmethod
+    def span() -> tuple[int, int] | None:
+        try:
+            low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        except (OSError, ValueError):
+            low, high = 32768, 60999  # Linux's default
+        below, above = (10_000, low), (high + 1, 65_536)
+        widest = max(below, above, key=lambda r: r[1] - r[0])
+        return widest if widest[1] - widest[0] >= 2_000 else None
 
 
 @dataclass
