@@ -74,6 +74,8 @@ def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
             sidecar.start()
             envoy.start()
             _print_instructions(idp, listen_port, workdir)
+            # Ctrl-C and SIGTERM stop it, also when it was started with SIGINT ignored (as a background job is)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             threading.Event().wait()
         except KeyboardInterrupt:
