@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shlex
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from extauthz.demo.processes import free_port
+from tests.demo_process import children_of, running_demo
 
 
 def run_curl(command: str) -> tuple[int, bytes]:
@@ -32,20 +28,7 @@ def run_curl(command: str) -> tuple[int, bytes]:
 
 
 def test_demo_prints_working_curls() -> None:
-    port, idp_port = free_port(), free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "extauthz", "demo", "--port", str(port),
-                             "--idp-port", str(idp_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        assert demo.stdout is not None
-        output, deadline = [], time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = demo.stdout.readline()
-            assert line, "demo exited early:\n" + "".join(output)
-            output.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "".join(output)
+    with running_demo() as (demo, text):
         expected = [int(m) for m in re.findall(r"^# (\d{3}):", text, re.M)]
         curls = [ln for ln in text.splitlines() if ln.startswith("curl ")]
         assert expected == [200, 403, 401, 200]
@@ -55,52 +38,16 @@ def test_demo_prints_working_curls() -> None:
         orders = json.loads(answers[0][1])["orders"]
         assert {o["userId"] for o in orders} == {"user-123"} and len(orders) == 2
         assert all(set(o) == {"orderId", "userId", "amount", "status"} for o in orders)
-    finally:
-        interrupt(demo)
     assert demo.returncode == 0
-
-
-def interrupt(demo: subprocess.Popen[str]) -> None:
-    """Ctrl-C, and the demo has stopped within 20 s; killed (and the test failed) when it has not."""
-    demo.send_signal(signal.SIGINT)
-    try:
-        demo.wait(20)
-    except subprocess.TimeoutExpired:
-        for child in children_of(demo.pid):  # the sidecar and Envoy would outlive it
-            os.kill(int(child.name), signal.SIGKILL)
-        demo.kill()
-        demo.wait(10)
-        raise
-
-
-def children_of(pid: int) -> list[Path]:
-    return [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == pid]
 
 
 def test_demo_stops_on_ctrl_c_when_started_as_a_background_job() -> None:
     # A shell starts a background job with SIGINT ignored; the demo must still stop on it and stop what it started.
-    command = shlex.join([sys.executable, "-m", "extauthz", "demo", "--port", str(free_port()),
-                          "--idp-port", str(free_port())])
-    demo = subprocess.Popen(["sh", "-c", f"trap '' INT; exec {command}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert demo.stdout is not None
-    output = []
-    while not (output and output[-1].startswith("Press Ctrl-C")):
-        line = demo.stdout.readline()
-        assert line, "demo exited early:\n" + "".join(output)
-        output.append(line)
-    children = children_of(demo.pid)
-    assert len(children) == 2  # the sidecar and Envoy
-    interrupt(demo)
+    with running_demo(background=True) as (demo, _):
+        children = children_of(demo.pid)
+        assert len(children) == 2  # the sidecar and Envoy
     assert demo.returncode == 0
     assert not [p for p in children if p.exists()]
-
-
-def parent_of(process: Path) -> int:
-    try:
-        return int((process / "stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, IndexError, ValueError):  # gone meanwhile
-        return 0
 
 
 def test_free_ports_are_never_ones_the_kernel_hands_out_nor_twice_the_same() -> None:

@@ -71,12 +71,12 @@ def run_demo(listen_port: int = 8080, idp_port: int = 8090) -> int:
         sidecar = SidecarProcess(workdir / "policy.yaml", ports.extauthz, log_path=workdir / "sidecar.log")
         envoy = Envoy(render_envoy_config(ports), log_path=workdir / "envoy.log")
         try:
-            sidecar.start()
-            envoy.start()
-            _print_instructions(idp, listen_port, workdir)
             # Ctrl-C and SIGTERM stop it, also when it was started with SIGINT ignored (as a background job is)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
+            sidecar.start()
+            envoy.start()
+            _print_instructions(idp, listen_port, workdir)
             threading.Event().wait()
         except KeyboardInterrupt:
             pass

@@ -9,17 +9,15 @@ afterwards was left by the code under test.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from extauthz.demo.processes import free_port
+from tests.demo_process import running_demo
 from tests.e2e.stack import running_stack
 
 pytestmark = pytest.mark.envoy
@@ -93,22 +91,7 @@ tests:
     assert json.loads(explained.stdout)["result"] == "deny"  # the backend is unreachable: fails closed
     cli("test", str(tests))
 
-    port, idp_port = free_port(), free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "extauthz", "demo", "--port", str(port),
-                             "--idp-port", str(idp_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        assert demo.stdout is not None
-        output, deadline = [], time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = demo.stdout.readline()
-            assert line, "demo exited early:\n" + "".join(output)
-            output.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
+    with running_demo() as (demo, _):
         assert sorted(name.rpartition("-")[0] for name in ours(scratch)) == ["extauthz-demo", "extauthz-envoy"]
-    finally:
-        demo.send_signal(signal.SIGINT)
-        demo.wait(20)
     assert demo.returncode == 0
     assert ours(scratch) == []
