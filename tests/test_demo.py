@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shlex
 import socket
@@ -60,3 +61,17 @@ def test_free_ports_are_never_ones_the_kernel_hands_out_nor_twice_the_same() -> 
     for port in ports[:20]:  # and each is free to bind
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_a_forked_process_walks_other_free_ports_than_its_parent() -> None:
+    free_port()  # the parent's walk has started before the fork
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only reports its ports
+        os.write(writer, json.dumps([free_port() for _ in range(20)]).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader) as pipe:
+        theirs = set(json.loads(pipe.read()))
+    assert not theirs & {free_port() for _ in range(20)}

@@ -65,9 +65,10 @@ def free_port() -> int:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
     low, high = span
+    walk = _PortWalk.here()
     for _ in range(high - low):
-        port = low + (_PortWalk.start + _PortWalk.taken) % (high - low)
-        _PortWalk.taken += 1
+        port = low + (walk.start + walk.taken) % (high - low)
+        walk.taken += 1
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -78,10 +79,20 @@ def free_port() -> int:
 
 
 class _PortWalk:
-    """This process's walk through the ports outside the ephemeral range."""
+    """This process's walk through the ports outside the ephemeral range (a forked child walks its own)."""
 
-    taken = 0
-    start = os.getpid() * 7919
+    _current: _PortWalk | None = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = pid * 7919
+        self.taken = 0
+
+    @classmethod
+    def here(cls) -> _PortWalk:
+        if cls._current is None or cls._current.pid != os.getpid():
+            cls._current = cls(os.getpid())
+        return cls._current
 
     @staticmethod
     def span() -> tuple[int, int] | None:

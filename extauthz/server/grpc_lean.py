@@ -7,7 +7,7 @@ for a server that decides nothing, and it made the Check's own Python code cost
 twice what it does alone. The same Checks served here, by protocol callbacks
 on the loop with nothing between the bytes and the decision, cost under half of
 that all in (docs/benchmarks.md). grpc.aio stays for what this server does not
-do: TLS listeners, the admin service, and ``--grpc-server grpcio``.
+do: TLS listeners, the admin service, and ``EXTAUTHZ_GRPC_SERVER=grpcio``.
 
 The scope is what Envoy's gRPC client sends to a sidecar: cleartext HTTP/2 with
 prior knowledge (:mod:`extauthz.server.http2`), POSTs of ``application/grpc``,
@@ -23,7 +23,6 @@ is reset by Envoy, and the reset cancels it here.
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -37,6 +36,7 @@ from grpc_health.v1._async import HealthServicer
 
 from extauthz.eager import run_eagerly
 from extauthz.server.http2 import Http2Connection, Stream, literal_block
+from extauthz.server.listener import Listener
 from extauthz.server.validation import parse_address
 
 log = structlog.get_logger("extauthz.grpc")
@@ -142,6 +142,17 @@ class _Connection(Http2Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._server.connections.discard(self)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.streams)
+
+    def quiesce(self) -> None:
+        self.go_away()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # connection_lost resets what is left, which cancels its calls
 
     # --- streams in ---------------------------------------------------------------------------------
 
@@ -262,35 +273,15 @@ class _Connection(Http2Connection):
         self.flush()
 
 
-class LeanGrpcServer:
+class LeanGrpcServer(Listener["_Connection"]):
     """The listener: connections from Envoy, each an :class:`~extauthz.server.http2.Http2Connection`."""
 
     def __init__(self, methods: Methods, address: str, reuse_port: bool = False) -> None:
+        super().__init__(address, parse_address(address), reuse_port)
         self.methods = methods
-        self.address = address
-        self._listen = parse_address(address)
-        self._reuse_port = reuse_port
-        self.port = self._listen.port
-        self.connections: set[_Connection] = set()
-        self.stopping = False
-        self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self._server, self.port = await self._listen.serve(lambda: _Connection(self), self._reuse_port)
-
-    async def stop(self, grace: float) -> None:
-        """Accept nothing new (GOAWAY to every connection), let calls in progress end within ``grace``, close."""
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self.connections):
-            connection.go_away()
-        deadline = time.monotonic() + grace
-        while any(c.streams for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.close()
+    def connection(self) -> _Connection:
+        return _Connection(self)
 
 
 class _AbortOnly:

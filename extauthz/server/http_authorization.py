@@ -70,6 +70,7 @@ from extauthz.server.http1 import (
     response,
     safe_fields,
 )
+from extauthz.server.listener import Listener
 from extauthz.server.validation import parse_http_address
 
 log = structlog.get_logger("extauthz.http_authz")
@@ -202,37 +203,19 @@ def refused(reason: str) -> Decision:
     return Decision(False, 400, Code.BAD_REQUEST, f"malformed check request: {reason}", new_decision_id())
 
 
-class HttpAuthorizationServer:
+class HttpAuthorizationServer(Listener["_CheckConnection"]):
     """Envoy's ext_authz ``http_service`` on ``address``; the authorizer is looked up per request (hot reload)."""
 
     def __init__(self, authorizer: Callable[[], Authorizer], address: str, reuse_port: bool = False) -> None:
+        super().__init__(address, parse_http_address(address), reuse_port)
         self._authorizer = authorizer
-        self.address = address
-        self._reuse_port = reuse_port
-        """Workers (``serve --workers``) share the port; the kernel spreads connections over them."""
-        self._listen = parse_http_address(address)
-        self.port = self._listen.port
-        self.connections: set[_CheckConnection] = set()
-        self.stopping = False
-        """Set by :meth:`stop`: every answer from then on closes its connection."""
-        self._server: asyncio.Server | None = None
+
+    def connection(self) -> _CheckConnection:
+        return _CheckConnection(self)
 
     async def start(self) -> None:
-        self._server, self.port = await self._listen.serve(lambda: _CheckConnection(self), self._reuse_port)
+        await super().start()
         log.info("http_authz_listening", address=self.address, port=self.port)
-
-    async def stop(self, grace: float) -> None:
-        """Accept no new connection, close idle ones, let checks in flight finish within ``grace``."""
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self.connections):
-            connection.close_if_idle()
-        deadline = time.monotonic() + grace
-        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            connection.abort()
 
     async def answer(self, head: RequestHead, started: float) -> tuple[bytes, bool]:
         """Decide one check request (the same pipeline, metrics and log line as the gRPC Check).
@@ -365,7 +348,8 @@ class _CheckConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def close_if_idle(self) -> None:
+    def quiesce(self) -> None:
+        """HTTP/1.1 cannot say "no more" ahead of an answer: an idle connection closes, a busy one after its answer."""
         if not self.busy and self._transport is not None:
             self._transport.close()
 

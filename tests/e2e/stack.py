@@ -21,6 +21,7 @@ from typing import Any, Literal
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import ENVOY_DIR, Envoy, Ports, SidecarProcess, render_envoy_config
 from extauthz.demo.upstream import SampleApi
+from extauthz.server.app import GRPC_SERVER_ENV
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Response:
 
 Transport = Literal["grpc", "http", "grpcio"]
 TRANSPORTS: tuple[Transport, ...] = ("grpc", "http", "grpcio")
-"""gRPC on the sidecar's own HTTP/2 server (the default), HTTP/1.1, and gRPC on grpc.aio (``EXTAUTHZ_GRPC_SERVER``)."""
+"""gRPC on the sidecar's own HTTP/2 server (the default), HTTP/1.1, and gRPC on grpc.aio (:data:`GRPC_SERVER_ENV`)."""
 ENVOY_CONFIGS: dict[Transport, Path] = {"grpc": ENVOY_DIR / "envoy.yaml", "http": ENVOY_DIR / "envoy-http.yaml",
                                         "grpcio": ENVOY_DIR / "envoy.yaml"}
 
@@ -94,7 +95,7 @@ def running_stack(
     if transport == "http":
         sidecar_args = [*(sidecar_args or []), "--http-address", f"127.0.0.1:{ports.http}"]
     if transport == "grpcio":
-        sidecar_env = {**(sidecar_env or {}), "EXTAUTHZ_GRPC_SERVER": "grpcio"}
+        sidecar_env = {**(sidecar_env or {}), GRPC_SERVER_ENV: "grpcio"}
     for name, content in (files or {}).items():
         (workdir / name).write_text(content)
     make_upstream = upstream_factory or (lambda port: SampleApi(port=port))
