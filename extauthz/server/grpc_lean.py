@@ -42,6 +42,8 @@ from extauthz.server.validation import parse_address
 log = structlog.get_logger("extauthz.grpc")
 
 OK, INTERNAL, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 0, 13, 8, 12
+MAX_CONNECTIONS = 128
+"""Envoy opens one connection per worker to a cluster (more only past the stream limit)."""
 MAX_MESSAGE = 8 << 20
 """The largest request message accepted, as ``grpc.max_receive_message_length`` on the grpc.aio server."""
 
@@ -134,8 +136,9 @@ class _Connection(Http2Connection):
         self._server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._server.admit(self, transport):
+            return
         super().connection_made(transport)
-        self._server.connections.add(self)
         if self._server.stopping:
             self.go_away()
 
@@ -277,7 +280,7 @@ class LeanGrpcServer(Listener["_Connection"]):
     """The listener: connections from Envoy, each an :class:`~extauthz.server.http2.Http2Connection`."""
 
     def __init__(self, methods: Methods, address: str, reuse_port: bool = False) -> None:
-        super().__init__(address, parse_address(address), reuse_port)
+        super().__init__(address, parse_address(address), reuse_port, MAX_CONNECTIONS)
         self.methods = methods
 
     def connection(self) -> _Connection:

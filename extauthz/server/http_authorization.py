@@ -82,6 +82,8 @@ DECISION_ID = "x-extauthz-decision-id"
 REMOVE_HEADERS = "x-envoy-auth-headers-to-remove"
 """Envoy's HTTP client reads the request headers to remove on allow from this answer header."""
 
+MAX_CONNECTIONS = 1024
+"""Envoy's default circuit breaker lets a cluster open 1,024 connections; each holds at most one head."""
 HEAD_TIMEOUT_SECONDS = 10.0
 """How long a started but incomplete request head may take before the connection is refused."""
 
@@ -207,7 +209,7 @@ class HttpAuthorizationServer(Listener["_CheckConnection"]):
     """Envoy's ext_authz ``http_service`` on ``address``; the authorizer is looked up per request (hot reload)."""
 
     def __init__(self, authorizer: Callable[[], Authorizer], address: str, reuse_port: bool = False) -> None:
-        super().__init__(address, parse_http_address(address), reuse_port)
+        super().__init__(address, parse_http_address(address), reuse_port, MAX_CONNECTIONS)
         self._authorizer = authorizer
 
     def connection(self) -> _CheckConnection:
@@ -258,7 +260,8 @@ class _CheckConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
-        self._server.connections.add(self)
+        if not self._server.admit(self, transport):
+            self._transport = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)

@@ -12,7 +12,11 @@ import asyncio
 import time
 from typing import Generic, Protocol, TypeVar
 
+import structlog
+
 from extauthz.server.validation import ListenAddress
+
+log = structlog.get_logger("extauthz.listener")
 
 
 class Connection(Protocol):
@@ -33,8 +37,10 @@ C = TypeVar("C", bound=Connection)
 class Listener(Generic[C]):
     """Connections of one protocol on one address; subclasses say what a connection is (:meth:`connection`)."""
 
-    def __init__(self, address: str, listen: ListenAddress, reuse_port: bool) -> None:
+    def __init__(self, address: str, listen: ListenAddress, reuse_port: bool, max_connections: int) -> None:
         self.address = address
+        self.max_connections = max_connections
+        """Open connections at most: what each may hold is bounded, so this bounds them all together."""
         self._listen = listen
         self._reuse_port = reuse_port
         """Workers (``serve --workers``) share the port; the kernel spreads connections over them."""
@@ -47,6 +53,21 @@ class Listener(Generic[C]):
     def connection(self) -> asyncio.Protocol:
         """A new connection's protocol; it adds itself to :attr:`connections` once made."""
         raise NotImplementedError
+
+    def admit(self, connection: C, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection in, or drop it at once when the listener holds :attr:`max_connections`.
+
+        Envoy opens a handful of connections to a sidecar; a peer that opens more
+        is not Envoy, and refusing it costs nothing that serves Envoy.
+        """
+        if len(self.connections) >= self.max_connections:
+            transport.abort()
+            log.warning("connection_refused", address=self.address, open=len(self.connections),
+                        hint=f"at most {self.max_connections} connections; something other than Envoy "
+                             "is connecting to the sidecar")
+            return False
+        self.connections.add(connection)
+        return True
 
     async def start(self) -> None:
         self._server, self.port = await self._listen.serve(self.connection, self._reuse_port)
