@@ -10,6 +10,7 @@ ignores its windows, header blocks in pieces.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -32,6 +33,7 @@ from extauthz.server.grpc_lean import (
     LeanGrpcServer,
     Methods,
     health_check,
+    health_watch,
 )
 
 
@@ -64,8 +66,9 @@ class Serving:
 
 @contextmanager
 def serving(unary: dict[str, Callable[[bytes], Coroutine[Any, Any, bytes]]] | None = None,
-            streams: dict[str, Callable[[], Any]] | None = None) -> Iterator[Serving]:
-    running = Serving(Methods(unary or {}, streams or {}))
+            streams: dict[str, Callable[[], Any]] | None = None,
+            server_streams: dict[str, Any] | None = None) -> Iterator[Serving]:
+    running = Serving(Methods(unary or {}, streams or {}, server_streams or {}))
     try:
         yield running
     finally:
@@ -175,9 +178,6 @@ def test_a_stream_is_answered_in_order_and_ends_when_done_or_when_the_client_end
 def test_large_messages_both_ways_follow_each_others_flow_control() -> None:
     big = bytes(range(256)) * (3 * 4096)  # 3 MiB: beyond grpcio's initial windows and our frame size
 
-    async def size(message: bytes) -> bytes:
-        return str(len(message)).encode()
-
     with serving({"/t.T/Size": size}, {"/t.T/Echo": lambda: Echo(2)}) as running:
         assert running.unary("/t.T/Size")(big * 2, timeout=20) == str(len(big) * 2).encode()
         answers = list(running.streaming("/t.T/Echo")(iter([big, big[::-1]]), timeout=20))
@@ -268,12 +268,14 @@ class Raw:
         return True
 
 
-def raw_scenario(scenario: Callable[[Raw], Coroutine[Any, Any, None]], preface: bool = True) -> None:
-    async def size(message: bytes) -> bytes:
-        return str(len(message)).encode()
+async def size(message: bytes) -> bytes:
+    return str(len(message)).encode()
 
+
+def raw_scenario(scenario: Callable[[Raw], Coroutine[Any, Any, None]], preface: bool = True,
+                 methods: Methods | None = None) -> None:
     async def main() -> None:
-        server = LeanGrpcServer(Methods({"/t.T/Size": size}, {}), "127.0.0.1:0")
+        server = LeanGrpcServer(methods or Methods({"/t.T/Size": size}, {}), "127.0.0.1:0")
         await server.start()
         try:
             raw = Raw(*await asyncio.open_connection("127.0.0.1", server.port))
@@ -383,7 +385,7 @@ def test_a_truncated_message_and_a_compressed_one_end_their_call_not_the_connect
             fields = dict(hpack.Decoder().decode(block_in, raw=True)) if flags & http2.END_STREAM else {}
             if b"grpc-status" in fields:
                 statuses[stream] = int(fields[b"grpc-status"])
-        assert statuses == {1: INTERNAL, 3: 12}
+        assert statuses == {1: INTERNAL, 3: INTERNAL}  # a compressed flag without grpc-encoding (gRPC's spec)
         raw.send(frame(http2.PING, 0, 0, b"still-up"))
         assert (await raw.until(http2.PING))[3] == b"still-up"
 
@@ -408,3 +410,261 @@ def test_remembered_header_blocks_decode_as_hpack_does_when_the_table_changes_un
         reference.decode(repeated, raw=True)
     with pytest.raises(hpack.HPACKError):
         remembering.decode(repeated)
+
+
+# --- gRPC where it is cheap: deadlines, compression, health watches --------------------------------
+
+
+def trailer_fields(block: bytes) -> dict[bytes, bytes]:
+    return dict(hpack.Decoder().decode(block, raw=True))
+
+
+def test_grpc_timeout_ends_a_call_that_waits_with_deadline_exceeded() -> None:
+    async def slow(message: bytes) -> bytes:
+        await asyncio.sleep(5)
+        return b"late"
+
+    async def scenario(raw: Raw) -> None:
+        started = asyncio.get_running_loop().time()
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1,
+                       raw.encoder.encode([*REQUEST[:2], (":path", "/t.T/Slow"), *REQUEST[3:],
+                                           ("grpc-timeout", "200m")])),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"x")))
+        _, flags, _, block = await raw.until(http2.HEADERS)
+        waited = asyncio.get_running_loop().time() - started
+        assert flags & http2.END_STREAM and trailer_fields(block)[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
+        assert 0.15 < waited < 2.0  # at the deadline the client set, not when the answer would have come
+
+    raw_scenario(scenario, methods=Methods({"/t.T/Slow": slow}, {}))
+
+
+def test_a_malformed_grpc_timeout_is_refused() -> None:
+    async def scenario(raw: Raw) -> None:
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode([*REQUEST, ("grpc-timeout", "1x")])),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"x")))
+        _, _, _, block = await raw.until(http2.HEADERS)
+        assert trailer_fields(block)[b"grpc-status"] == b"13"
+
+    raw_scenario(scenario)
+
+
+def test_compressed_requests_are_read() -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB, compressible
+    with serving({"/t.T/Size": size}) as running:
+        for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+            answer = running.unary("/t.T/Size")(big, timeout=10, compression=compression)
+            assert answer == str(len(big)).encode()
+
+
+def test_an_unknown_encoding_and_a_compression_bomb_are_refused_naming_what_is_accepted() -> None:
+    import zlib
+
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KB
+
+    async def scenario(raw: Raw) -> None:
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode([*REQUEST, ("grpc-encoding", "br")])),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"x")))
+        _, _, stream, block = await raw.until(http2.HEADERS)
+        fields = trailer_fields(block)
+        assert stream == 1 and fields[b"grpc-status"] == b"12"
+        assert fields[b"grpc-accept-encoding"] == b"identity,deflate,gzip" and b"br" in fields[b"grpc-message"]
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 3,
+                       raw.encoder.encode([*REQUEST, ("grpc-encoding", "deflate")])))
+        message = b"\x01" + len(bomb).to_bytes(4, "big") + bomb
+        window = http2.STREAM_WINDOW
+        for offset in range(0, len(message), http2.FRAME_SIZE):
+            raw.send(frame(http2.DATA, http2.END_STREAM if offset + http2.FRAME_SIZE >= len(message) else 0, 3,
+                           message[offset:offset + http2.FRAME_SIZE]))
+            window -= len(message[offset:offset + http2.FRAME_SIZE])
+            assert window >= 0 or offset  # the rest is sent on the credit the server reserved for the message
+        _, _, stream, block = await raw.until(http2.HEADERS)
+        assert stream == 3 and trailer_fields(block)[b"grpc-status"] == b"8"  # RESOURCE_EXHAUSTED
+
+    raw_scenario(scenario)
+
+
+def test_health_watch_sends_the_status_then_every_change() -> None:
+    health = HealthServicer()
+    with serving(server_streams={"/grpc.health.v1.Health/Watch": health_watch(health)}) as running:
+        running.run(health.set("", health_pb2.HealthCheckResponse.SERVING))
+        watch = running.channel.unary_stream("/grpc.health.v1.Health/Watch")(
+            health_pb2.HealthCheckRequest(service="").SerializeToString(), timeout=10)
+        first = health_pb2.HealthCheckResponse.FromString(next(watch))
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        running.run(health.enter_graceful_shutdown())
+        second = health_pb2.HealthCheckResponse.FromString(next(watch))
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+
+
+# --- what a hostile peer can make the connection hold or do ----------------------------------------
+
+
+class Held:
+    """A stream whose answers wait until released: what the server holds meanwhile is observable."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return False
+
+    async def answer(self, message: bytes) -> bytes:
+        await self.release.wait()
+        return b"ok"
+
+    def ended(self) -> None:
+        pass
+
+
+def data_frames(stream: int, body: bytes) -> list[bytes]:
+    return [frame(http2.DATA, 0, stream, body[i:i + http2.FRAME_SIZE]) for i in range(0, len(body), http2.FRAME_SIZE)]
+
+
+def test_window_credit_comes_back_as_messages_are_answered_not_as_they_arrive() -> None:
+    held = Held()
+    request = [*REQUEST[:2], (":path", "/t.T/Held"), *REQUEST[3:]]
+
+    async def scenario(raw: Raw) -> None:
+        body = grpc_message(b"x" * 60_000)
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(request)), *data_frames(1, body))
+        with pytest.raises(TimeoutError):  # the message is held: no credit for the stream
+            while True:
+                kind, _, stream, _ = await raw.next(timeout=0.5)
+                assert not (kind == http2.WINDOW_UPDATE and stream == 1)
+        raw.send(frame(http2.DATA, 0, 1, b"x" * 6000))  # beyond the stream's window: the peer broke it
+        _, _, _, payload = await raw.until(http2.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == http2.FLOW_CONTROL_ERROR
+
+    async def answered(raw: Raw) -> None:
+        body = grpc_message(b"x" * 60_000)
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(request)), *data_frames(1, body))
+        await asyncio.sleep(0.2)
+        held.release.set()
+        while True:  # once answered, the message's credit comes back to the stream
+            kind, _, stream, payload = await raw.next()
+            if kind == http2.WINDOW_UPDATE and stream == 1:
+                assert int.from_bytes(payload, "big") >= len(body)
+                return
+
+    raw_scenario(scenario, methods=Methods({}, {"/t.T/Held": lambda: held}))
+    held = Held()
+    raw_scenario(answered, methods=Methods({}, {"/t.T/Held": lambda: held}))
+
+
+def test_large_messages_beyond_the_budget_are_refused_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "BUDGET", http2.Budget(reservable=1 << 20))
+
+    async def scenario(raw: Raw) -> None:
+        for stream in (1, 3):  # each declares 900 KB: the first gets its credit, the second is refused
+            raw.send(frame(http2.HEADERS, http2.END_HEADERS, stream, raw.encoder.encode(REQUEST)),
+                     frame(http2.DATA, 0, stream, b"\x00" + (900_000).to_bytes(4, "big") + b"x" * 1000))
+        granted = refused = None
+        while granted is None or refused is None:
+            kind, _, stream, payload = await raw.next()
+            if kind == http2.WINDOW_UPDATE and stream == 1:
+                granted = int.from_bytes(payload, "big")
+            if kind == http2.HEADERS and stream == 3:
+                refused = trailer_fields(payload)[b"grpc-status"]
+        assert granted >= 900_005 - http2.STREAM_WINDOW and refused == b"8"
+
+    raw_scenario(scenario)
+    assert http2.BUDGET.reserved == 0  # all given back when the connection ended
+
+
+def test_streams_past_the_limit_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario(raw: Raw) -> None:
+        for stream in range(1, 2 * http2.MAX_STREAMS + 3, 2):
+            raw.send(frame(http2.HEADERS, http2.END_HEADERS, stream, raw.encoder.encode(REQUEST)))
+        _, _, stream, payload = await raw.until(http2.RST_STREAM)
+        assert stream == 2 * http2.MAX_STREAMS + 1 and int.from_bytes(payload, "big") == http2.REFUSED_STREAM
+
+    raw_scenario(scenario)
+
+
+def flood_ends_calmly(frames: Callable[[Raw], list[bytes]]) -> None:
+    async def scenario(raw: Raw) -> None:
+        raw.send(*frames(raw))
+        _, _, _, payload = await raw.until(http2.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == http2.ENHANCE_YOUR_CALM
+        assert await raw.closed()
+
+    raw_scenario(scenario)
+
+
+def test_rapid_reset_ends_the_connection_and_costs_no_answer() -> None:
+    answered: list[bytes] = []
+
+    async def counted(message: bytes) -> bytes:
+        answered.append(message)
+        return b""
+
+    async def scenario(raw: Raw) -> None:
+        block = raw.encoder.encode(REQUEST)
+        raw.send(*[frame(http2.HEADERS, http2.END_HEADERS, stream, block)
+                   + frame(http2.DATA, http2.END_STREAM, stream, grpc_message(b"x"))
+                   + frame(http2.RST_STREAM, 0, stream, struct.pack(">I", http2.CANCEL))
+                   for stream in range(1, 1000, 2)])
+        _, _, _, payload = await raw.until(http2.GOAWAY)
+        assert int.from_bytes(payload[4:8], "big") == http2.ENHANCE_YOUR_CALM
+
+    raw_scenario(scenario, methods=Methods({"/t.T/Size": counted}, {}))
+    assert answered == []  # every stream was reset in the batch that opened it
+
+
+@pytest.mark.parametrize("flood", ["SETTINGS", "PING", "empty DATA", "CONTINUATION", "WINDOW_UPDATE", "PRIORITY"])
+def test_floods_of_frames_that_ask_for_nothing_end_the_connection(flood: str) -> None:
+    def frames(raw: Raw) -> list[bytes]:
+        headers = frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(REQUEST))
+        return {
+            "SETTINGS": [frame(http2.SETTINGS, 0, 0)] * 1000,
+            "PING": [frame(http2.PING, 0, 0, b"12345678")] * 1000,
+            "empty DATA": [headers, *[frame(http2.DATA, 0, 1)] * 1000],
+            "CONTINUATION": [frame(http2.HEADERS, 0, 1, raw.encoder.encode(REQUEST)),
+                             *[frame(http2.CONTINUATION, 0, 1, b"\x00")] * 1000],
+            "WINDOW_UPDATE": [frame(http2.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1))] * 1000,
+            "PRIORITY": [frame(http2.PRIORITY, 0, 1, b"\x00\x00\x00\x00\x10")] * 1000,
+        }[flood]
+
+    flood_ends_calmly(frames)
+
+
+def test_timeouts_close_a_silent_connection_and_an_idle_one_gracefully(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "TICK_SECONDS", 0.05)
+    monkeypatch.setattr(http2, "PREFACE_SECONDS", 0.2)
+    monkeypatch.setattr(http2, "IDLE_SECONDS", 0.3)
+
+    async def silent(raw: Raw) -> None:
+        assert await raw.closed()
+
+    async def idle(raw: Raw) -> None:
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(REQUEST)),
+                 frame(http2.DATA, http2.END_STREAM, 1, grpc_message(b"x")))
+        await raw.until(http2.DATA)
+        _, _, _, first = await raw.until(http2.GOAWAY)  # first: "no new streams soon", naming the last possible
+        assert int.from_bytes(first[:4], "big") == http2.LAST_STREAM
+        _, _, _, ping = await raw.until(http2.PING)
+        raw.send(frame(http2.PING, http2.ACK, 0, ping))
+        _, _, _, final = await raw.until(http2.GOAWAY)  # then the last stream it served, and the connection closes
+        assert int.from_bytes(final[:4], "big") == 1 and int.from_bytes(final[4:8], "big") == http2.NO_ERROR
+        assert await raw.closed()
+
+    raw_scenario(silent, preface=False)
+    raw_scenario(idle)
+
+
+def test_connections_past_the_cap_are_dropped_and_the_others_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extauthz.server import grpc_lean
+
+    monkeypatch.setattr(grpc_lean, "MAX_CONNECTIONS", 2)
+    with serving({"/t.T/Size": size}) as running:
+        assert running.unary("/t.T/Size")(b"abc", timeout=5) == b"3"
+        extra = [socket.create_connection(("127.0.0.1", running.server.port)) for _ in range(2)]
+        try:
+            extra[1].settimeout(5)
+            assert extra[1].recv(100) == b""  # closed at once: the third connection
+            assert running.unary("/t.T/Size")(b"abcd", timeout=5) == b"4"
+        finally:
+            for sock in extra:
+                sock.close()

@@ -2,32 +2,58 @@
 
 Enough HTTP/2 for one kind of peer: a client that opens streams with prior
 knowledge (h2c), as Envoy does towards a cluster with ``http2_protocol_options``.
-Frames are parsed from the bytes as they arrive and acted on at once; what the
-connection answers (settings and ping acknowledgements, window updates, the
-streams' frames) is gathered and written once per read. Header blocks are
-decoded with ``hpack`` (one decoder per connection, as the protocol requires);
-what this server sends uses only literal fields without indexing, so it keeps
-no encoder state.
+Frames are parsed from the bytes as they arrive; what the connection answers
+(settings and ping acknowledgements, window updates, the streams' frames) is
+gathered and written once per batch. Header blocks are decoded with ``hpack``
+(one decoder per connection, as the protocol requires); what this server sends
+uses only literal fields without indexing, so it keeps no encoder state.
 
-Flow control is kept both ways: the peer may send a stream up to
-:data:`STREAM_WINDOW` bytes and the connection up to :data:`CONNECTION_WINDOW`
-ahead of what was consumed (window updates are sent as data is read, and a
-peer that overruns a window is a connection error), and data is sent only as
-far as the peer's windows allow, the rest held until its window updates.
+A sidecar shares its pod with code it does not trust, so everything a peer can
+make this connection hold or do is bounded by construction, the way the mature
+stacks (nghttp2, Envoy) were hardened after each published HTTP/2 attack:
+
+* **Input memory.** Frames are at most the protocol's default 16 KiB, so a
+  frame in progress holds no more. Window credit goes back to the peer as the
+  layer above *consumes* what it received (:meth:`Http2Connection.release`),
+  not as bytes arrive, so a stream holds at most its window (64 KiB) and a
+  connection :data:`CONNECTION_WINDOW`. A larger message gets credit reserved
+  for exactly its declared length (:meth:`~Http2Connection.reserve`) from a
+  per-connection and a process-wide budget (:data:`BUDGET`); past them, that
+  call is refused, not the process.
+* **Output memory.** What waits for the peer's window is counted; past
+  :data:`OUTPUT_PER_CONNECTION` the connection refuses new streams, and
+  output that makes no progress for :data:`STALL_SECONDS` ends the connection.
+* **Streams and headers.** At most :data:`MAX_STREAMS` open streams, header
+  lists of :data:`MAX_HEADER_LIST` bytes, :data:`MAX_CONTINUATIONS` frames per
+  header block; remembered header blocks are bounded in bytes.
+* **Time.** The preface, a frame or header block in pieces, and an idle
+  connection each have a limit (:data:`PREFACE_SECONDS`, :data:`READ_SECONDS`,
+  :data:`IDLE_SECONDS`), checked by one timer per connection.
+* **Fairness.** At most :data:`FRAMES_PER_TURN` frames and
+  :data:`STREAMS_PER_TURN` new streams are handled per turn of the loop before
+  other connections run, and a stream's request is handed on only at the end
+  of the batch it arrived in, so a stream reset in the same batch costs no
+  Check (rapid reset, CVE-2023-44487). Control frames cost constant time.
+* **Abuse.** Patterns no real client produces end the connection with GOAWAY
+  ENHANCE_YOUR_CALM: more than half of the streams reset before their answer,
+  floods of SETTINGS, PING, PRIORITY or WINDOW_UPDATE frames, empty frames
+  (CVE-2019-9518), endless CONTINUATION frames (the 2024 CONTINUATION floods).
 
 What the streams carry is the subclass's business (:mod:`extauthz.server.grpc_lean`):
-it is told when a stream's headers arrived, when data arrived, and when a stream
-was reset or the connection lost, and it answers with :meth:`Http2Connection.send_headers`,
-:meth:`~Http2Connection.send_data` and :meth:`~Http2Connection.end_stream`.
-Protocol errors end the connection with GOAWAY and the error's code; the
-reason is logged, never guessed around.
+it is told when a stream's headers arrived, when data arrived, when the batch
+that brought them ends, and when a stream was reset or the connection lost; it
+answers with :meth:`Http2Connection.send_headers`, :meth:`~Http2Connection.send_data`
+and :meth:`~Http2Connection.end_stream`. Protocol errors end the connection with
+GOAWAY and the RFC's error code; the reason is logged, never guessed around.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import hpack
@@ -43,7 +69,7 @@ END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x5, 0x6
-REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x9, 0xB
+REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x8, 0x9, 0xB
 
 SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x2, 0x3
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
@@ -52,28 +78,72 @@ DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
 DEFAULT_FRAME_SIZE = 16_384
 MAX_FRAME_SIZE = 16_777_215
+LAST_STREAM = 2**31 - 1
 
-STREAM_WINDOW = 16 << 20
-"""What a stream may send ahead of what was read: above the largest message (8 MiB) with room to spare."""
-CONNECTION_WINDOW = 64 << 20
-FRAME_SIZE = 1 << 20
-"""The largest frame accepted: a 1 MB body arrives in one frame instead of 64."""
-MAX_STREAMS = 1_000
-MAX_HEADER_LIST = 64 << 10
+FRAME_SIZE = DEFAULT_FRAME_SIZE
+"""The largest frame accepted: the protocol's default, so a frame in progress never holds more."""
+STREAM_WINDOW = DEFAULT_WINDOW
+"""What a stream may send ahead of what was consumed: the protocol's default, so it holds from the first byte
+(no round trip passes with a larger window the peer assumed); a larger message reserves its length."""
+CONNECTION_WINDOW = 256 << 10
+"""What a connection may send ahead of what was consumed, besides reservations: a few hundred Checks of Envoy's."""
+RESERVE_PER_CONNECTION = 16 << 20
+"""Credit reserved for large messages on one connection at a time (two of the largest, 8 MiB)."""
+MAX_STREAMS = 100
+"""Open streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS): Envoy opens another connection past it."""
+MAX_HEADER_LIST = 16 << 10
 """Decoded request headers per stream; Envoy's gRPC requests carry a few hundred bytes."""
+MAX_CONTINUATIONS = 8
+"""CONTINUATION frames per header block, as nghttp2 allows after the 2024 floods."""
+OUTPUT_PER_CONNECTION = 1 << 20
+"""Answers waiting for the peer's window; past it, new streams are refused until the peer reads."""
+REMEMBERED_BLOCK_BYTES = 64 << 10
+"""Decoded header blocks kept per connection, in bytes (Envoy repeats a few kinds of request)."""
+FRAMES_PER_TURN = 128
+STREAMS_PER_TURN = 16
+PREFACE_SECONDS = 10.0
+READ_SECONDS = 10.0
+"""A frame or a header block started must be complete within this."""
+STALL_SECONDS = 30.0
+"""Output waiting for the peer's window with no progress for this long ends the connection."""
+IDLE_SECONDS = 600.0
+"""A connection without a stream for this long is closed gracefully (Envoy reconnects when it needs one)."""
+TICK_SECONDS = 2.0
+PREMATURE_RESETS = 50
+"""Resets before an answer tolerated in any case; past it, more than half of all streams so reset ends it."""
+SETTINGS_BURST, SETTINGS_PER_SECOND = 32, 2.0
+PING_BURST, PING_PER_SECOND = 200, 20.0
+"""Envoy sends SETTINGS once and PINGs for keepalive; grpc clients' bandwidth probes send a few per second."""
+PRIORITY_PER_STREAM = 100
+WINDOW_UPDATES_PER_DATA_FRAME = 10
+"""Envoy's defaults: max_inbound_priority_frames_per_stream, max_inbound_window_update_frames_per_data_frame_sent."""
+CONTROL_BASE = 100
 
 _U32 = struct.Struct(">I")
 _FRAME_HEAD = struct.Struct(">IBI")
 """A frame's 9 bytes: 24-bit length and type in the first word, then flags and stream."""
 _SETTING = struct.Struct(">HI")
+_DRAIN_PING = b"goaway\x00\x00"
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol: the connection ends with GOAWAY and this code."""
+    """The peer broke the protocol (or abused it): the connection ends with GOAWAY and this code."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+
+
+@dataclass
+class Budget:
+    """What all connections of this process may hold together, beyond each connection's own windows."""
+
+    reservable: int = 64 << 20
+    """Credit reserved for large messages across connections (the largest message is 8 MiB)."""
+    reserved: int = 0
+
+
+BUDGET = Budget()
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -111,22 +181,25 @@ class _Table(hpack.table.HeaderTable):
 
 
 class HeaderDecoder:
-    """HPACK decoding with the blocks that changed nothing remembered.
+    """HPACK decoding with the blocks that changed nothing remembered, within a byte budget.
 
     After its first requests, Envoy's header blocks on a connection are the same
     bytes every time (every field an index into the dynamic table), and decoding
-    one in Python costs ~17 µs, a tenth of a Check. A block whose decoding left the
-    dynamic table as it was decodes to the same headers for as long as the table
-    stays as it is; any change to the table (a field added, a size update) forgets
-    them all, since indexes then name other entries.
+    one in Python costs ~17 µs. A block whose decoding left the dynamic table as
+    it was decodes to the same headers for as long as the table stays as it is;
+    any change to the table (a field added, a size update) forgets them all,
+    since indexes then name other entries. What is remembered is bounded in
+    bytes (:data:`REMEMBERED_BLOCK_BYTES`), so distinct blocks cost a peer
+    decoding time, never memory.
     """
 
-    __slots__ = ("_blocks", "_decoder", "_table")
+    __slots__ = ("_blocks", "_decoder", "_size", "_table")
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self._table = self._decoder.header_table = _Table()
         self._blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._size = 0
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         known = self._blocks.get(block)
@@ -136,45 +209,61 @@ class HeaderDecoder:
         headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))  # raw: as bytes
         if self._table.changes != changes:
             self._blocks.clear()
-        elif len(self._blocks) < _REMEMBERED_BLOCKS:
+            self._size = 0
+            return headers
+        # What a block costs to keep, roughly: its bytes, and each field's with a tuple's overhead.
+        size = len(block) + sum(len(n) + len(v) + 64 for n, v in headers)
+        if self._size + size <= REMEMBERED_BLOCK_BYTES:
             self._blocks[block] = headers
+            self._size += size
         return headers
 
 
-_REMEMBERED_BLOCKS = 64
-"""Per connection: Envoy sends a few kinds of request (a Check, an ext_proc stream, a health check)."""
-
-
 class Stream:
-    """One request stream: its headers, and what it may still send and receive."""
+    """One request stream: its headers, what it may still send and receive, and what it holds."""
 
     __slots__ = (
+        "answered",
         "handler",
         "headers",
+        "held",
         "id",
         "pending",
-        "received",
+        "recv_window",
         "remote_closed",
-        "send_window",
+        "reserved",
+        "send_credit",
         "trailers",
         "unacknowledged",
     )
 
-    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], send_window: int) -> None:
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.id = stream_id
         self.headers = headers
-        self.send_window = send_window
+        """The request headers, for :meth:`Http2Connection.stream_started` (emptied after it)."""
+        self.send_credit = 0
+        """The peer's window updates less what was sent: its window is this plus its initial window size."""
+        self.recv_window = STREAM_WINDOW
+        """What the peer may still send on it, as the peer sees it (credit counts once its update is sent)."""
+        self.held = 0
+        """Bytes received and not yet released by the layer above."""
+        self.reserved = 0
+        """Credit granted for a large message beyond :data:`STREAM_WINDOW`, not yet consumed."""
         self.unacknowledged = 0
-        """Bytes read on this stream and not yet given back with a window update."""
-        self.received = 0
-        """Bytes the peer sent beyond what was given back: never above :data:`STREAM_WINDOW`."""
+        """Credit released and not yet given back with a window update."""
         self.pending = bytearray()
         """DATA payload waiting for window."""
         self.trailers: bytes | None = None
         """The closing header block, sent once ``pending`` is out."""
         self.remote_closed = False
+        self.answered = False
+        """Response headers sent: a reset from here on is not premature."""
         self.handler: Any = None
         """What the subclass keeps for this stream."""
+
+
+_YIELD, _WRITE = 1, 2
+"""Why reading is paused: to let other connections run, or because the peer does not read what it asked for."""
 
 
 class Http2Connection(asyncio.Protocol):
@@ -185,21 +274,50 @@ class Http2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self._buffer = bytearray()
         self._preface = False
-        self._decoder = HeaderDecoder()
+        self._decoder: HeaderDecoder | None = None
         self._continuation: tuple[int, int, bytearray] | None = None
         """(stream, HEADERS flags, block so far) while a header block spans CONTINUATION frames."""
+        self._continuations = 0
         self._last_stream = 0
         self._peer_frame_size = DEFAULT_FRAME_SIZE
         self._peer_initial_window = DEFAULT_WINDOW
         self._send_window = DEFAULT_WINDOW
-        self._received = 0
+        self._recv_window = DEFAULT_WINDOW
         self._unacknowledged = 0
+        """Connection credit released and not yet given back."""
+        self._owed = 0
+        """Connection credit given as reservations the peer will no longer use: kept back from what is released."""
+        self._reserved = 0
         self._blocked: dict[int, Stream] = {}
-        """Streams with data waiting for the connection's window."""
+        """Streams with data waiting for the connection's window, in order."""
+        self._stalled: dict[int, Stream] = {}
+        """Streams with data waiting for their own window."""
+        self._ready: dict[int, Stream] = {}
+        """Streams that received data in this batch: handed on at its end (:meth:`stream_ready`)."""
+        self._output = 0
+        """Bytes of DATA waiting for window."""
         self._out: list[bytes] = []
-        self._reading = False
+        self._batching = False
+        self._paused = 0
+        self._continue: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        now = time.monotonic()
+        self._made = self._active = self._progress = now
+        self._partial_since = 0.0
+        # Counters of what no real client does (see the module's docstring).
+        self._opened = 0
+        self._premature = 0
+        self._refused = 0
+        self._empty = 0
+        self._priority = 0
+        self._window_updates = 0
+        self._data_sent = 0
+        self._settings = _Bucket(SETTINGS_BURST, SETTINGS_PER_SECOND, now)
+        self._pings = _Bucket(PING_BURST, PING_PER_SECOND, now)
         self.going_away = False
-        """GOAWAY sent: streams in progress finish, new ones are refused."""
+        """GOAWAY sent: streams in progress finish, new ones are refused once the final GOAWAY is out."""
+        self._final_goaway = False
+        self._close_when_idle = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -207,65 +325,38 @@ class Http2Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's is not a subclass)
         settings = b"".join(_SETTING.pack(k, v) for k, v in (
             (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-            (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, FRAME_SIZE),
-            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
+            (SETTINGS_MAX_FRAME_SIZE, FRAME_SIZE), (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
         self.transport.write(frame(SETTINGS, 0, 0, settings)
-                        + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
+                             + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
+        self._recv_window = CONNECTION_WINDOW
+        self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def pause_writing(self) -> None:
         # The peer is not reading what it asked for: read no more requests from it until it does.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause(_WRITE)
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._resume(_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         streams, self.streams = self.streams, {}
-        self._blocked.clear()
         for stream in streams.values():
+            self._forget(stream)
             self.stream_reset(stream)
+        self._blocked.clear()
+        self._stalled.clear()
+        self._ready.clear()
+        for handle in (self._timer, self._continue):
+            if handle is not None:
+                handle.cancel()
+        self._buffer = bytearray()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        # Usually whole frames arrive in one read and are parsed from it; a part frame waits in a
-        # bytearray that grows in place, so a large body arriving in many reads is copied once.
-        buffer: bytes | bytearray = data
-        if self._buffer:
-            self._buffer += data
-            buffer = self._buffer
-        self._reading = True
-        try:
-            start = 0
-            if not self._preface:
-                if not (PREFACE.startswith(buffer[:len(PREFACE)])):
-                    raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                if len(buffer) < len(PREFACE):
-                    self._buffer = bytearray(buffer)
-                    return
-                self._preface = True
-                start = len(PREFACE)
-            used = self._frames(buffer, start)
-            if used == len(buffer):
-                self._buffer = bytearray()
-            elif buffer is self._buffer:
-                del self._buffer[:used]
-            else:
-                self._buffer = bytearray(buffer[used:])
-            if self._unacknowledged >= CONNECTION_WINDOW // 4:
-                self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacknowledged)))
-                self._received -= self._unacknowledged
-                self._unacknowledged = 0
-        except ProtocolError as exc:
-            self._fail(exc)
-        except hpack.HPACKError as exc:
-            self._fail(ProtocolError(COMPRESSION_ERROR, f"header block: {exc}"))
-        finally:
-            self._reading = False
-            self.flush()
+        self._buffer += data
+        self._process()
 
     # --- for subclasses -----------------------------------------------------------------------------
 
@@ -274,35 +365,94 @@ class Http2Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def stream_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
+        """Data arrived: keep it; act on it in :meth:`stream_ready`, once the batch has been read."""
+        raise NotImplementedError
+
+    def stream_ready(self, stream: Stream) -> None:
+        """The batch that brought data (or the end) for this stream was read, and the stream is still open."""
         raise NotImplementedError
 
     def stream_reset(self, stream: Stream) -> None:
         """The peer reset the stream, or the connection was lost: nothing more can be sent on it."""
 
+    def release(self, stream: Stream, size: int) -> None:
+        """``size`` bytes the stream received are consumed: give the peer that much credit back.
+
+        Credit reserved for a large message is absorbed first, so the windows
+        return to their base once the message is consumed.
+        """
+        size = min(size, stream.held)  # nothing twice: a stream that ended released all it held
+        stream.held -= size
+        kept = min(stream.reserved, size)
+        if kept:
+            stream.reserved -= kept
+            self._unreserve(kept)
+        credit = size - kept
+        if stream.id in self.streams and not stream.remote_closed:
+            stream.unacknowledged += credit
+            if stream.unacknowledged >= STREAM_WINDOW // 2 or stream.recv_window < STREAM_WINDOW // 2:
+                self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.unacknowledged)))
+                stream.recv_window += stream.unacknowledged
+                stream.unacknowledged = 0
+        self._give_back(credit)
+        self._flush_unless_batching()
+
+    def reserve(self, stream: Stream, remaining: int) -> bool:
+        """Let the ``remaining`` bytes of a large message arrive on this stream, whatever its windows allow.
+
+        False when the connection's or the process's budget cannot take it (the
+        caller refuses the message instead): memory held for messages in
+        progress stays bounded whatever the peers declare.
+        """
+        size = remaining - min(stream.recv_window, self._recv_window)  # the windows as the peer sees them
+        if size <= 0:
+            return True
+        if self._reserved + size > RESERVE_PER_CONNECTION or BUDGET.reserved + size > BUDGET.reservable:
+            return False
+        self._reserved += size
+        BUDGET.reserved += size
+        stream.reserved += size
+        # Credit released and not yet given back goes out with it.
+        stream_credit, stream.unacknowledged = size + stream.unacknowledged, 0
+        connection_credit, self._unacknowledged = size + self._unacknowledged, 0
+        stream.recv_window += stream_credit
+        self._recv_window += connection_credit
+        self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream_credit))
+                         + frame(WINDOW_UPDATE, 0, 0, _U32.pack(connection_credit)))
+        self._flush_unless_batching()
+        return True
+
     def send_headers(self, stream: Stream, block: bytes, end_stream: bool = False) -> None:
         """Response headers (literal fields, :func:`literal_block`), small enough for one frame."""
-        flags = END_HEADERS | (END_STREAM if end_stream else 0)
-        self._write(frame(HEADERS, flags, stream.id, block))
+        stream.answered = True
+        self._out.append(frame(HEADERS, END_HEADERS | (END_STREAM if end_stream else 0), stream.id, block))
         if end_stream:
             self._closed_locally(stream)
+        self._flush_unless_batching()
 
     def send_data(self, stream: Stream, data: bytes) -> None:
         if stream.id not in self.streams:
             return  # reset, or ended here: nothing more goes out on it
         size = len(data)
-        if not stream.pending and size <= min(stream.send_window, self._send_window, self._peer_frame_size):
+        if not stream.pending and size <= min(self._peer_initial_window + stream.send_credit, self._send_window,
+                                              self._peer_frame_size):
             # The usual answer: one frame, within every window.
-            stream.send_window -= size
+            stream.send_credit -= size
             self._send_window -= size
-            self._write(frame(DATA, 0, stream.id, data))
+            self._data_sent += 1
+            self._out.append(frame(DATA, 0, stream.id, data))
+            self._flush_unless_batching()
             return
         stream.pending += data
+        self._output += size
         self._send_pending(stream)
+        self._flush_unless_batching()
 
     def end_stream(self, stream: Stream, trailers: bytes) -> None:
         """The closing header block, after any data still waiting for window."""
         stream.trailers = trailers
         self._send_pending(stream)
+        self._flush_unless_batching()
 
     def flush(self) -> None:
         if self._out and self.transport is not None:
@@ -310,18 +460,78 @@ class Http2Connection(asyncio.Protocol):
         self._out.clear()
 
     def go_away(self) -> None:
-        """Refuse new streams from now on; those in progress finish."""
-        if not self.going_away and self.transport is not None:
-            self.going_away = True
-            self._write(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(NO_ERROR)))
+        """Refuse new streams from now on; those in progress finish.
+
+        Gracefully, as nghttp2 and Envoy drain: a GOAWAY naming the last
+        possible stream and a PING first, so streams the peer sent meanwhile are
+        still served; the final GOAWAY once the PING comes back (or after a
+        second).
+        """
+        if self.going_away or self.transport is None:
+            return
+        self.going_away = True
+        self._out.append(frame(GOAWAY, 0, 0, _U32.pack(LAST_STREAM) + _U32.pack(NO_ERROR))
+                         + frame(PING, 0, 0, _DRAIN_PING))
+        self.flush()
+        asyncio.get_running_loop().call_later(1.0, self._send_final_goaway)
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Act on the frames buffered so far, a bounded batch per turn of the loop."""
+        self._continue = None
+        self._batching = True
+        try:
+            buffer = self._buffer
+            start = 0
+            if not self._preface:
+                if not PREFACE.startswith(bytes(buffer[:len(PREFACE)])):
+                    raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                if len(buffer) < len(PREFACE):
+                    return
+                self._preface = True
+                start = len(PREFACE)
+            used, more = self._frames(buffer, start)
+            if used:
+                del buffer[:used]
+                self._active = time.monotonic()
+            if buffer or self._continuation is not None:
+                if not self._partial_since:
+                    self._partial_since = time.monotonic()
+            else:
+                self._partial_since = 0.0
+            self._hand_on()
+            if more:
+                # Let other connections run before the rest of this one's frames.
+                self._pause(_YIELD)
+                self._continue = asyncio.get_running_loop().call_soon(self._go_on)
+        except ProtocolError as exc:
+            self._fail(exc)
+        except hpack.HPACKError as exc:
+            self._fail(ProtocolError(COMPRESSION_ERROR, f"header block: {exc}"))
+        finally:
+            self._batching = False
             self.flush()
 
-    # --- frames in ----------------------------------------------------------------------------------
+    def _go_on(self) -> None:
+        self._resume(_YIELD)
+        if self.transport is not None and not self.transport.is_closing():
+            self._process()
 
-    def _frames(self, buffer: bytes | bytearray, position: int) -> int:
-        """Act on every whole frame in ``buffer`` from ``position``; returns where the first part frame starts."""
+    def _hand_on(self) -> None:
+        ready, self._ready = self._ready, {}
+        for stream in ready.values():
+            if self.streams.get(stream.id) is stream:
+                self.stream_ready(stream)
+
+    def _frames(self, buffer: bytearray, position: int) -> tuple[int, bool]:
+        """Act on whole frames from ``position``, a batch at most; where it stopped, and whether frames remain."""
         size = len(buffer)
+        count = 0
+        started = self._opened
         while size - position >= 9:
+            if count >= FRAMES_PER_TURN or self._opened - started >= STREAMS_PER_TURN:
+                return position, True
             length = (buffer[position] << 16) | (buffer[position + 1] << 8) | buffer[position + 2]
             if length > FRAME_SIZE:
                 raise ProtocolError(FRAME_SIZE_ERROR, f"a {length}-byte frame (at most {FRAME_SIZE})")
@@ -332,6 +542,7 @@ class Http2Connection(asyncio.Protocol):
             stream_id = _U32.unpack_from(buffer, position + 5)[0] & 0x7FFFFFFF
             payload = bytes(buffer[position + 9:end])
             position = end
+            count += 1
             if self._continuation is not None and kind != CONTINUATION:
                 raise ProtocolError(PROTOCOL_ERROR, "a header block interrupted by another frame")
             if kind == DATA:
@@ -343,64 +554,57 @@ class Http2Connection(asyncio.Protocol):
             elif kind == SETTINGS:
                 self._on_settings(stream_id, flags, payload)
             elif kind == PING:
-                if stream_id or length != 8:
-                    raise ProtocolError(PROTOCOL_ERROR if stream_id else FRAME_SIZE_ERROR, "malformed PING")
-                if not flags & ACK:
-                    self._out.append(frame(PING, ACK, 0, payload))
+                self._on_ping(stream_id, flags, payload)
             elif kind == WINDOW_UPDATE:
                 self._on_window_update(stream_id, payload)
             elif kind == RST_STREAM:
-                if not stream_id or length != 4:
-                    raise ProtocolError(PROTOCOL_ERROR if not stream_id else FRAME_SIZE_ERROR,
-                                           "malformed RST_STREAM")
-                if stream_id > self._last_stream:
-                    raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
-                stream = self.streams.pop(stream_id, None)
-                if stream is not None:
-                    self._blocked.pop(stream_id, None)
-                    self.stream_reset(stream)
+                self._on_rst_stream(stream_id, payload)
             elif kind == PRIORITY:
                 if length != 5 or not stream_id:
                     raise ProtocolError(FRAME_SIZE_ERROR if stream_id else PROTOCOL_ERROR, "malformed PRIORITY")
+                self._priority += 1
+                if self._priority > PRIORITY_PER_STREAM * (self._opened + 1):
+                    raise ProtocolError(ENHANCE_YOUR_CALM, "a flood of PRIORITY frames")
             elif kind == PUSH_PROMISE:
                 raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             elif kind == GOAWAY and stream_id:
                 raise ProtocolError(PROTOCOL_ERROR, "GOAWAY on a stream")
             # A GOAWAY means the peer opens no more streams (those in progress finish, then it closes);
             # unknown frame types are ignored (RFC 9113, 4.1).
-        return position
+        return position, False
 
     def _on_data(self, stream_id: int, flags: int, payload: bytes) -> None:
         if not stream_id:
             raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
-        self._received += length
-        self._unacknowledged += length
-        if self._received > CONNECTION_WINDOW:
+        self._recv_window -= length
+        if self._recv_window < 0:
             raise ProtocolError(FLOW_CONTROL_ERROR, "the peer sent beyond the connection's window")
+        end = bool(flags & END_STREAM)
+        self._count_empty(length == 0 and not end)
         stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id > self._last_stream:
+        if stream is None or stream.remote_closed:
+            if stream is None and stream_id > self._last_stream:
                 raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            return  # a stream already reset or finished here: counted against the connection, dropped
-        if stream.remote_closed:
-            self._reset(stream, STREAM_CLOSED)
+            self._give_back(length)  # a stream already reset or finished here: counted, dropped
+            if stream is not None:
+                self._reset(stream, STREAM_CLOSED)
             return
-        stream.received += length
-        if stream.received > STREAM_WINDOW:
+        stream.recv_window -= length
+        if stream.recv_window < 0:
             raise ProtocolError(FLOW_CONTROL_ERROR, f"the peer sent beyond stream {stream_id}'s window")
         if flags & PADDED:
-            payload = _unpad(payload)
-        end = bool(flags & END_STREAM)
+            data = _unpad(payload)
+            padding = length - len(data)
+        else:
+            data, padding = payload, 0
+        stream.held += length
+        if padding:
+            self.release(stream, padding)
         if end:
             stream.remote_closed = True
-        else:
-            stream.unacknowledged += length
-            if stream.unacknowledged >= STREAM_WINDOW // 4:
-                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacknowledged)))
-                stream.received -= stream.unacknowledged
-                stream.unacknowledged = 0
-        self.stream_data(stream, payload, end)
+        self._ready[stream_id] = stream
+        self.stream_data(stream, data, end)
 
     def _on_headers(self, stream_id: int, flags: int, payload: bytes) -> None:
         if not stream_id or not stream_id & 1:
@@ -414,11 +618,16 @@ class Http2Connection(asyncio.Protocol):
         if flags & END_HEADERS:
             self._header_block(stream_id, flags, payload)
         else:
+            self._count_empty(not payload)
             self._continuation = (stream_id, flags, bytearray(payload))
+            self._continuations = 0
 
     def _on_continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
         if self._continuation is None or self._continuation[0] != stream_id:
             raise ProtocolError(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        self._continuations += 1
+        if self._continuations > MAX_CONTINUATIONS:
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"a header block in over {MAX_CONTINUATIONS} CONTINUATION frames")
         block = self._continuation[2]
         block += payload
         if len(block) > MAX_HEADER_LIST:
@@ -427,27 +636,40 @@ class Http2Connection(asyncio.Protocol):
             headers_flags = self._continuation[1]
             self._continuation = None
             self._header_block(stream_id, headers_flags, bytes(block))
+        else:
+            self._count_empty(not payload)
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         # Decoded whatever becomes of the stream: the decoder's table must follow every block the peer sent.
+        if self._decoder is None:
+            self._decoder = HeaderDecoder()
         headers = self._decoder.decode(block)
+        self._empty = 0
         end = bool(flags & END_STREAM)
         existing = self.streams.get(stream_id)
         if existing is not None:  # trailers: gRPC clients send none, and they must end the stream
             if existing.remote_closed or not end:
                 raise ProtocolError(PROTOCOL_ERROR, f"unexpected HEADERS on stream {stream_id}")
             existing.remote_closed = True
+            self._ready[stream_id] = existing
             self.stream_data(existing, b"", True)
             return
         if stream_id <= self._last_stream:
             raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
         self._last_stream = stream_id
-        if self.going_away or len(self.streams) >= MAX_STREAMS:
+        self._opened += 1
+        if self._final_goaway or len(self.streams) >= MAX_STREAMS or self._output > OUTPUT_PER_CONNECTION:
+            self._refused += 1
+            if self._refused > MAX_STREAMS + self._opened // 2:
+                raise ProtocolError(ENHANCE_YOUR_CALM, "streams opened again and again past the limits")
             self._out.append(frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
-        stream = self.streams[stream_id] = Stream(stream_id, headers, self._peer_initial_window)
+        stream = self.streams[stream_id] = Stream(stream_id, headers)
         stream.remote_closed = end
         self.stream_started(stream)
+        stream.headers = []
+        if end:
+            self._ready[stream_id] = stream
 
     def _on_settings(self, stream_id: int, flags: int, payload: bytes) -> None:
         if stream_id:
@@ -458,14 +680,17 @@ class Http2Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS of a length not a multiple of 6")
+        if not self._settings.take(time.monotonic()):
+            raise ProtocolError(ENHANCE_YOUR_CALM, "a flood of SETTINGS frames")
+        grown = False
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ProtocolError(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
-                delta, self._peer_initial_window = value - self._peer_initial_window, value
-                for stream in self.streams.values():
-                    stream.send_window += delta
+                # Streams keep their credit relative to this size, so a change costs nothing per stream.
+                grown = grown or value > self._peer_initial_window
+                self._peer_initial_window = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
                     raise ProtocolError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
@@ -474,12 +699,42 @@ class Http2Connection(asyncio.Protocol):
                 raise ProtocolError(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
             # The rest concern what this server would encode or open: it indexes nothing and opens no stream.
         self._out.append(frame(SETTINGS, ACK, 0))
-        for stream in list(self.streams.values()):
-            self._send_pending(stream)
+        if grown:
+            for stream in list(self._stalled.values()):
+                self._send_pending(stream)
+
+    def _on_ping(self, stream_id: int, flags: int, payload: bytes) -> None:
+        if stream_id or len(payload) != 8:
+            raise ProtocolError(PROTOCOL_ERROR if stream_id else FRAME_SIZE_ERROR, "malformed PING")
+        if flags & ACK:
+            if payload == _DRAIN_PING:
+                self._send_final_goaway()
+            return
+        if not self._pings.take(time.monotonic()):
+            raise ProtocolError(ENHANCE_YOUR_CALM, "a flood of PING frames")
+        self._out.append(frame(PING, ACK, 0, payload))
+
+    def _on_rst_stream(self, stream_id: int, payload: bytes) -> None:
+        if not stream_id or len(payload) != 4:
+            raise ProtocolError(PROTOCOL_ERROR if not stream_id else FRAME_SIZE_ERROR, "malformed RST_STREAM")
+        if stream_id > self._last_stream:
+            raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            self._control_frame("RST_STREAM")
+            return
+        if not stream.answered:
+            # Rapid reset: streams opened and reset before an answer cost work and yield nothing.
+            self._premature += 1
+            if self._premature > PREMATURE_RESETS and 2 * self._premature > self._opened:
+                raise ProtocolError(ENHANCE_YOUR_CALM, "most streams reset before their answer")
+        self._forget(stream)
+        self.stream_reset(stream)
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise ProtocolError(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
+        self._control_frame("WINDOW_UPDATE")
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
         if not stream_id:
             if not increment:
@@ -487,30 +742,76 @@ class Http2Connection(asyncio.Protocol):
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise ProtocolError(FLOW_CONTROL_ERROR, "the connection's window above 2^31-1")
-            blocked, self._blocked = self._blocked, {}
-            for stream in blocked.values():
-                self._send_pending(stream)
+            # In order, and only while there is window: a 1-byte update moves one stream one byte.
+            while self._blocked and self._send_window > 0:
+                self._send_pending(next(iter(self._blocked.values())))
             return
-        target = self.streams.get(stream_id)
-        if target is None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self._last_stream:
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
             return  # a stream that ended here
-        self._stream_window_update(target, increment)
-
-    def _stream_window_update(self, stream: Stream, increment: int) -> None:
         if not increment:
             self._reset(stream, PROTOCOL_ERROR)
             return
-        stream.send_window += increment
-        if stream.send_window > MAX_WINDOW:
+        stream.send_credit += increment
+        if self._peer_initial_window + stream.send_credit > MAX_WINDOW:
             self._reset(stream, FLOW_CONTROL_ERROR)
             return
-        self._send_pending(stream)
+        if stream.pending or stream.trailers is not None:
+            self._send_pending(stream)
+
+    def _control_frame(self, kind: str) -> None:
+        """A frame that asks for no work: in proportion to the answers sent, as Envoy counts them."""
+        self._window_updates += 1
+        if self._window_updates > CONTROL_BASE + WINDOW_UPDATES_PER_DATA_FRAME * (self._data_sent + self._opened):
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"a flood of {kind} frames")
+
+    def _count_empty(self, empty: bool) -> None:
+        """Frames that carry nothing and end nothing, back to back, are only a way to spend CPU."""
+        if not empty:
+            self._empty = 0
+            return
+        self._empty += 1
+        if self._empty > 1:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "a flood of empty frames")
+
+    # --- credit -------------------------------------------------------------------------------------
+
+    def _give_back(self, credit: int) -> None:
+        kept = min(self._owed, credit)
+        self._owed -= kept
+        credit -= kept
+        if credit <= 0:
+            return
+        self._unacknowledged += credit
+        if self._unacknowledged >= CONNECTION_WINDOW // 4 or self._recv_window < CONNECTION_WINDOW // 2:
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacknowledged)))
+            self._recv_window += self._unacknowledged
+            self._unacknowledged = 0
+
+    def _unreserve(self, size: int) -> None:
+        self._reserved -= size
+        BUDGET.reserved -= size
+
+    def _forget(self, stream: Stream) -> None:
+        """A stream is gone: what it held is consumed, what it reserved and will not receive is taken back."""
+        self._blocked.pop(stream.id, None)
+        self._stalled.pop(stream.id, None)
+        self._output -= len(stream.pending)
+        stream.pending = bytearray()
+        if stream.held:
+            self.release(stream, stream.held)
+        if stream.reserved:
+            # Credit the peer may still use on the connection: kept back from what comes free later.
+            self._unreserve(stream.reserved)
+            self._owed += stream.reserved
+            stream.reserved = 0
 
     # --- frames out ---------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._reading:
+    def _flush_unless_batching(self) -> None:
+        if not self._batching:
             self.flush()
 
     def _send_pending(self, stream: Stream) -> None:
@@ -518,34 +819,56 @@ class Http2Connection(asyncio.Protocol):
             return
         pending = stream.pending
         while pending:
-            size = min(len(pending), stream.send_window, self._send_window, self._peer_frame_size)
+            size = min(len(pending), self._peer_initial_window + stream.send_credit, self._send_window,
+                       self._peer_frame_size)
             if size <= 0:
                 if self._send_window <= 0:
                     self._blocked[stream.id] = stream
+                else:
+                    self._stalled[stream.id] = stream
                 return
             self._out.append(frame(DATA, 0, stream.id, bytes(pending[:size])))
             del pending[:size]
-            stream.send_window -= size
+            stream.send_credit -= size
             self._send_window -= size
+            self._output -= size
+            self._data_sent += 1
+            self._progress = time.monotonic()
+        self._blocked.pop(stream.id, None)
+        self._stalled.pop(stream.id, None)
         if stream.trailers is not None:
             self._out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers))
             stream.trailers = None
             self._closed_locally(stream)
-        if not self._reading:
-            self.flush()
 
     def _closed_locally(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
-        self._blocked.pop(stream.id, None)
+        self._forget(stream)
         if not stream.remote_closed:
             # The answer is complete; the peer need not send the rest of its request (RFC 9113, 8.1).
             self._out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
+        if self._close_when_idle and not self.streams:
+            self._close_after_flush()
 
     def _reset(self, stream: Stream, code: int) -> None:
         self.streams.pop(stream.id, None)
-        self._blocked.pop(stream.id, None)
+        self._forget(stream)
         self._out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
         self.stream_reset(stream)
+
+    def _send_final_goaway(self) -> None:
+        if self._final_goaway or self.transport is None:
+            return
+        self._final_goaway = True
+        self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(NO_ERROR)))
+        if self._close_when_idle and not self.streams:
+            self._close_after_flush()
+        self._flush_unless_batching()
+
+    def _close_after_flush(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def _fail(self, error: ProtocolError) -> None:
         log.warning("http2_connection_error", code=error.code, reason=str(error),
@@ -555,6 +878,62 @@ class Http2Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._buffer = bytearray()
+
+    # --- pausing and time ---------------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _tick(self) -> None:
+        """Once per :data:`TICK_SECONDS`: the time limits of the module's docstring."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = time.monotonic()
+        if not self._preface and now - self._made > PREFACE_SECONDS:
+            self._timed_out("no HTTP/2 preface")
+            return
+        if self._partial_since and now - self._partial_since > READ_SECONDS:
+            self._timed_out("a frame or header block left incomplete")
+            return
+        if self._output and now - self._progress > STALL_SECONDS:
+            self._timed_out("answers waiting for a window the peer does not open")
+            return
+        if not self.streams and not self.going_away and now - self._active > IDLE_SECONDS:
+            self._close_when_idle = True
+            self.go_away()
+        self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+    def _timed_out(self, reason: str) -> None:
+        log.warning("http2_connection_timeout", reason=reason, hint="the connection was closed")
+        self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(NO_ERROR)))
+        self._close_after_flush()
+
+
+class _Bucket:
+    """A token bucket: ``burst`` at once, then ``rate`` per second."""
+
+    __slots__ = ("_at", "_rate", "_size", "_tokens")
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        self._size, self._rate, self._tokens, self._at = float(burst), rate, float(burst), now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._size, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 def _unpad(payload: bytes) -> bytes:

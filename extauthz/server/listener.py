@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 import structlog
 
@@ -61,7 +61,7 @@ class Listener(Generic[C]):
         is not Envoy, and refusing it costs nothing that serves Envoy.
         """
         if len(self.connections) >= self.max_connections:
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()  # a stream transport (uvloop's is not a subclass)
             log.warning("connection_refused", address=self.address, open=len(self.connections),
                         hint=f"at most {self.max_connections} connections; something other than Envoy "
                              "is connecting to the sidecar")
