@@ -1,7 +1,7 @@
 """extauthz through real Envoy, side by side with its baselines, in one run.
 
     python -m bench.compare [--smoke] [--duration S] [--connections C] [--rounds N] [--only a,b]
-                            [--json] [--results-dir DIR] [--update-docs]
+                            [--baseline REF] [--json] [--results-dir DIR] [--update-docs]
 
 Every scenario is one Envoy (``--concurrency 1``, the shipped config with only
 what the scenario says changed) plus what it needs, loaded by
@@ -23,6 +23,15 @@ body really filtered where there is a filter). After it, Envoy's own counters
 give the exact number of non-2xx answers: a scenario with any is flagged, and
 the command exits 1.
 
+``--baseline REF`` answers "did this change make the sidecar slower than it
+was at REF" from one run: comparing two runs made at different times compares
+two machine states as much as two sidecars. REF's code is checked out in a
+temporary git worktree, and every scenario that starts ``extauthz serve`` runs
+a second time with that worktree's sidecar, as ``<scenario>@<short commit>``,
+right after its current row, so both face the same floors and the same load on
+the machine. Only the sidecar differs: Envoy's configs, the policies, the
+upstream and the harness are this tree's.
+
 Writes ``compare.md``, ``compare.png`` and ``compare.json`` to the results
 directory (default ``bench/results``); ``--update-docs`` also puts the report
 into docs/benchmarks.md. What each scenario means and how to read the ratios on a
@@ -38,13 +47,16 @@ import http.client
 import json
 import os
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +114,12 @@ MEANINGS = {
 ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "extauthz_grpcio",
          "shipped_unfiltered", "shipped_filtered_10k", "relationship_cached", "http_transport",
          "http_ceiling"]
+# The scenarios that start `extauthz serve` (through `_sidecar`): the ones `--baseline` runs again with the
+# baseline's sidecar. `_sidecar` refuses any other, so a new one cannot be left out of the comparison unnoticed.
+SIDECAR_SCENARIOS = ("extauthz_authz_only", "extauthz_grpcio", "shipped_unfiltered", "shipped_filtered_10k",
+                     "relationship_cached", "http_transport")
+BENCH_REPO = Path(__file__).resolve().parents[1]
+"""Where ``--baseline`` resolves its ref: the repository this harness is part of."""
 
 
 # --- Envoy config edits -----------------------------------------------------------------------------
@@ -194,6 +212,116 @@ def chain(*edits: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]]
     return edit
 
 
+# --- the baseline's sidecar ----------------------------------------------------------------------------
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    """git in this harness's repository, in a session of its own: a Ctrl-C at the terminal reaches bench.compare,
+    which cleans up, and not git halfway through adding or removing the worktree."""
+    return subprocess.run(["git", "-C", str(BENCH_REPO), *args], capture_output=True, text=True, check=False,
+                          timeout=600, start_new_session=True)
+
+
+def resolve_ref(ref: str) -> tuple[str, str]:
+    """The commit ``ref`` names and its short form, before anything starts: a typo fails in a second."""
+    full = _git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}")
+    if full.returncode != 0:
+        raise ValueError(f"{ref!r} names no commit in {BENCH_REPO}")
+    commit = full.stdout.strip()
+    return commit, _git("rev-parse", "--short", commit).stdout.strip() or commit[:12]
+
+
+@dataclass
+class Baseline:
+    """The sidecar's code at another commit, checked out beside this tree, and how to make Python run it."""
+
+    ref: str
+    commit: str
+    short: str
+    tree: Path
+    module: str = ""
+    """``extauthz.__file__`` as the baseline's environment resolves it: the proof rows are not this tree's."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The worktree first on the import path, and no directory prepended ahead of it.
+
+        ``python -m`` puts the current directory first on ``sys.path``; run from
+        this tree (as ``make bench`` does) that would import this tree's
+        extauthz. PYTHONSAFEPATH drops that entry, so the sidecar starts exactly
+        as the current one does (same interpreter, venv, command, working
+        directory) and only the package it finds differs. The venv's editable
+        install hooks in after ``sys.path``, so it does not shadow the worktree.
+        """
+        return {"PYTHONPATH": os.pathsep.join([str(self.tree), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                "PYTHONSAFEPATH": "1"}
+
+    def check_process(self, pid: int) -> str:
+        """The running sidecar got the environment whose import of extauthz was checked against the worktree."""
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        environ = dict(entry.split("=", 1) for entry in raw.split("\0") if "=" in entry)
+        got = {name: environ.get(name) for name in self.env}
+        if got != self.env:
+            raise AssertionError(f"the baseline sidecar (pid {pid}) runs with {got}, not {self.env}")
+        return f"the sidecar is {self.short}'s: extauthz imported from {self.module}"
+
+
+def _extauthz_module(env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-c", "import extauthz; print(extauthz.__file__)"],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the baseline's extauthz does not import: {out.stderr.strip()[-2000:]}")
+    return out.stdout.strip()
+
+
+def _remove_worktree(parent: Path, tree: Path) -> None:
+    removed = _git("worktree", "remove", "--force", "--force", str(tree)).returncode == 0
+    shutil.rmtree(parent, ignore_errors=True)
+    if not removed:  # added halfway, or its directory already gone: drop git's record of it
+        _git("worktree", "prune")
+
+
+@contextlib.contextmanager
+def _cleanup_uninterrupted() -> Iterator[None]:
+    """A second Ctrl-C while the worktree is being removed would leave it behind: wait for the removal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def baseline_tree(ref: str, commit: str, short: str) -> Iterator[Baseline]:
+    """A detached worktree of ``commit`` in a temporary directory, removed when done, on failure, on Ctrl-C and
+    on SIGTERM (which otherwise ends Python without running any cleanup)."""
+    parent = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+    baseline = Baseline(ref, commit, short, parent / short)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    try:
+        added = _git("worktree", "add", "--detach", "--quiet", str(baseline.tree), commit)
+        if added.returncode != 0:
+            raise RuntimeError(f"git worktree add {baseline.tree} {commit}: {added.stderr.strip()}")
+        baseline.module = _extauthz_module(baseline.env)
+        if not Path(baseline.module).resolve().is_relative_to(baseline.tree.resolve()):
+            raise RuntimeError(f"with {baseline.env}, Python imports extauthz from {baseline.module}, "
+                               f"not from the baseline worktree {baseline.tree}")
+        yield baseline
+    finally:
+        with _cleanup_uninterrupted():
+            _remove_worktree(parent, baseline.tree)
+            if in_main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 # --- one scenario's processes -------------------------------------------------------------------------
 
 
@@ -209,6 +337,8 @@ class Shared:
     orders: bytes
     envoy_wrapper: tuple[str, ...] = ()
     """A command each scenario's Envoy under test runs under (``bench.envoy_instructions``: callgrind)."""
+    baseline: Baseline | None = None
+    """Whose sidecar the scenario starts: None for this tree's, else the ``--baseline`` worktree's."""
 
 
 @dataclass
@@ -259,6 +389,10 @@ def _envoy(shared: Shared, source: Path, edit: Callable[[dict[str, Any]], None],
 
 def _sidecar(shared: Shared, name: str, policy: str, port: int, extra: list[str] | None = None,
              env: dict[str, str] | None = None) -> SidecarProcess:
+    if name not in SIDECAR_SCENARIOS:
+        raise AssertionError(f"{name} starts the sidecar but is not in SIDECAR_SCENARIOS: --baseline would skip it")
+    if shared.baseline is not None:
+        env = {**shared.baseline.env, **(env or {})}
     path = shared.workdir / f"{name}.policy.yaml"
     path.write_text(policy.replace("JWKS_URI", shared.idp.jwks_uri).replace("ISSUER", shared.idp.issuer))
     return SidecarProcess(path, port, env=env, log_path=shared.workdir / f"{name}.sidecar.log", extra=extra)
@@ -338,8 +472,9 @@ def _extauthz(shared: Shared, name: str, policy: str, path: str, source: Path = 
     try:
         in_parallel(sidecar.start, envoy.start)
         assert sidecar.process is not None
+        checks = [shared.baseline.check_process(sidecar.process.pid)] if shared.baseline else []
         yield Target(envoy, port, path, sidecar=sidecar.process.pid,
-                     others={"upstream": shared.upstream.pid, **(others or {})})
+                     others={"upstream": shared.upstream.pid, **(others or {})}, checks=checks)
     finally:
         envoy.stop()
         sidecar.stop()
@@ -405,10 +540,12 @@ def scenario_relationship_cached(shared: Shared) -> Iterator[Target]:
 def scenario_http_transport(shared: Shared) -> Iterator[Target]:
     if not HTTP_CONFIG.exists():
         raise Skip(f"{HTTP_CONFIG.relative_to(REPO)} does not exist in this tree (no HTTP ext_authz transport yet)")
+    env = {**os.environ, **shared.baseline.env} if shared.baseline else None
     help_text = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--help"], capture_output=True,
-                               text=True, check=False).stdout
+                               text=True, check=False, env=env).stdout
     if "--http-address" not in help_text:
-        raise Skip("`extauthz serve` has no --http-address option in this tree")
+        where = f"at {shared.baseline.short}" if shared.baseline else "in this tree"
+        raise Skip(f"`extauthz serve` has no --http-address option {where}")
     ports = Ports.free()
     http_port = int(getattr(ports, "http", 0) or free_port())
     with _extauthz(shared, "http_transport", seed_policy(), "/v1/products/1", source=HTTP_CONFIG,
@@ -465,6 +602,8 @@ class Row:
     label: str
     meaning: str
     round: int = 1
+    baseline: str = ""
+    """The commit whose sidecar ran, in a ``--baseline`` row; empty in every other row."""
     requests: int = 0
     seconds: float = 0.0
     rps: float = 0.0
@@ -538,8 +677,31 @@ Entered = tuple[contextlib.AbstractContextManager[Target], Target]
 
 def _enter(name: str, shared: Shared) -> Entered:
     """Start and verify one scenario; the caller exits the returned context manager when done with it."""
-    manager = SCENARIOS[name](shared)
+    manager = SCENARIOS[name.partition("@")[0]](shared)
     return manager, manager.__enter__()
+
+
+def baseline_name(name: str, baseline: Baseline) -> str:
+    return f"{name}@{baseline.short}"
+
+
+def run_names(sequence: list[str], rounds: int, baseline: Baseline | None) -> list[tuple[str, int]]:
+    """Each round: the floor, then every scenario, a baseline row right after its current one; the floor last.
+
+    Next to each other, the pair shares the machine's state and the floor runs
+    its ratios are to, which is what makes "current ÷ baseline" a comparison of
+    the two sidecars rather than of two moments.
+    """
+    order = [m for n in sequence
+             for m in (n, *([baseline_name(n, baseline)] if baseline and n in SIDECAR_SCENARIOS else []))]
+    return [(n, r) for r in range(1, rounds + 1) for n in ("floor", *order)] + [("floor", rounds + 1)]
+
+
+def _meaning(name: str, baseline: Baseline | None) -> str:
+    scenario, _, short = name.partition("@")
+    if not short or baseline is None:
+        return MEANINGS[scenario]
+    return f"{MEANINGS[scenario]}; the sidecar from {baseline.ref} ({baseline.commit[:12]}), the rest this tree's"
 
 
 @contextlib.contextmanager
@@ -552,34 +714,47 @@ def shared_run() -> Iterator[Shared]:
             yield Shared(workdir, idp, up, idp.token(sub=CALLER), idp.token(sub="svc-reporting"), orders)
 
 
-def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: Callable[[str], None]) -> list[Row]:
+def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: Callable[[str], None],
+                  baseline: Baseline | None = None) -> list[Row]:
     """Each (scenario, round) in turn. In smoke mode the next one starts while the current one is loaded.
 
     Starting a sidecar (a Python process importing gRPC and Envoy's protos) takes
     seconds; overlapping the starts keeps the smoke test short. Its figures are
     not for reading. A real run starts a scenario only once the previous one has
     stopped, so nothing but the scenario itself runs during its measurement.
+
+    A baseline row (``<scenario>@<short>``) writes its policy and logs to a
+    directory of its own: started in smoke mode while its current row is still
+    loaded, it must not rewrite the policy file the current sidecar watches.
     """
     with shared_run() as shared, concurrent.futures.ThreadPoolExecutor(1) as starter:
-        workdir = shared.workdir
-        script = workdir / "summary.lua"
+        script = shared.workdir / "summary.lua"
         script.write_text(WRK_SUMMARY)
+        against = shared
+        if baseline is not None:
+            against = replace(shared, workdir=shared.workdir / f"baseline-{baseline.short}", baseline=baseline)
+            against.workdir.mkdir()
+
+        def sharing(name: str) -> Shared:
+            return against if "@" in name else shared
+
         rows: list[Row] = []
-        upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0][0], shared)
+        upcoming: concurrent.futures.Future[Entered] | None = starter.submit(_enter, names[0][0], sharing(names[0][0]))
         rounds = args.rounds  # the last floor run is numbered one past the rounds
         try:
             for i, (name, round_) in enumerate(names):
                 label = "floor (end)" if name == "floor" and round_ > rounds else \
                     f"{name} (round {round_})" if rounds > 1 else name
-                row = Row(name, label, MEANINGS[name], min(round_, rounds))
+                row = Row(name, label, _meaning(name, baseline), min(round_, rounds),
+                          baseline=baseline.commit if baseline and "@" in name else "")
                 rows.append(row)
-                log(f"[{i + 1}/{len(names)}] {label}: {MEANINGS[name]}")
+                log(f"[{i + 1}/{len(names)}] {label}: {row.meaning}")
                 started_at = time.monotonic()
                 current, upcoming = upcoming, None
                 assert current is not None
                 last = i + 1 == len(names)
                 if args.smoke and not last:
-                    upcoming = starter.submit(_enter, names[i + 1][0], shared)
+                    upcoming = starter.submit(_enter, names[i + 1][0], sharing(names[i + 1][0]))
                 try:
                     with contextlib.ExitStack() as stack:
                         manager, target = current.result()
@@ -593,13 +768,13 @@ def run_scenarios(args: argparse.Namespace, names: list[tuple[str, int]], log: C
                 except Exception as exc:
                     row.failed = f"{type(exc).__name__}: {exc}"
                     log(f"    FAILED: {row.failed}")
-                    _keep_logs(workdir, name)
+                    _keep_logs(sharing(name).workdir, name)
                 else:
                     log(f"    {row.rps:,.0f} req/s, p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms, "
                         f"non-2xx {row.non_2xx}" + (" <-- ERRORS" if row.bad else "")
                         + f" ({time.monotonic() - started_at:.1f} s)")
                 if not args.smoke and not last:
-                    upcoming = starter.submit(_enter, names[i + 1][0], shared)
+                    upcoming = starter.submit(_enter, names[i + 1][0], sharing(names[i + 1][0]))
         finally:
             if upcoming is not None:  # interrupted: stop what was being started
                 with contextlib.suppress(Exception):
@@ -688,7 +863,7 @@ def summarize(rows: list[Row]) -> list[Row]:
         measured = [r for r in runs if r.requests and not r.failed]
         first = runs[0]
         row = Row(name, f"{name} (median of {len(measured)})" if len(measured) > 1 else name, first.meaning,
-                  checks=first.checks, skipped=first.skipped,
+                  baseline=first.baseline, checks=first.checks, skipped=first.skipped,
                   failed="; ".join(f"{r.label}: {r.failed}" for r in runs if r.failed))
         summary.append(row)
         if not measured:
@@ -720,6 +895,55 @@ def rounds_table(rows: list[Row]) -> list[list[str]]:
 
 
 ROUNDS_HEADERS = ["scenario", "req/s ÷ floor, by round", "sidecar CPU ÷ floor, by round"]
+
+
+@dataclass
+class Pair:
+    """A scenario against itself with the baseline's sidecar: > 1 in req/s and < 1 in CPU mean the current is better.
+
+    Each round's pair ran back to back, so its ratio is free of the drift
+    between rounds; the figure is the median of those ratios, not the ratio of
+    the two medians (which could come from different rounds).
+    """
+
+    scenario: str
+    baseline: str
+    rps_ratio: float | None = None
+    sidecar_cpu_ratio: float | None = None
+    rps_ratio_by_round: list[float | None] = field(default_factory=list)
+    sidecar_cpu_ratio_by_round: list[float | None] = field(default_factory=list)
+
+
+def pairs(runs: list[Row]) -> list[Pair]:
+    out = []
+    for name in dict.fromkeys(r.scenario for r in runs if r.baseline):
+        pair = Pair(name.partition("@")[0], name)
+        for b in (r for r in runs if r.scenario == name):
+            current = next((r for r in runs if r.scenario == pair.scenario and r.round == b.round), None)
+            rps = cpu = None
+            if current is not None and current.requests and b.requests and not (current.failed or b.failed):
+                rps = current.rps / b.rps
+                if current.sidecar_cpu_us is not None and b.sidecar_cpu_us:
+                    cpu = current.sidecar_cpu_us / b.sidecar_cpu_us
+            pair.rps_ratio_by_round.append(rps)
+            pair.sidecar_cpu_ratio_by_round.append(cpu)
+        pair.rps_ratio = _median(pair.rps_ratio_by_round)
+        pair.sidecar_cpu_ratio = _median(pair.sidecar_cpu_ratio_by_round)
+        out.append(pair)
+    return out
+
+
+def pairs_headers(rounds: int) -> list[str]:
+    headers = ["scenario", "against", "req/s now ÷ baseline", "sidecar CPU/req now ÷ baseline"]
+    return headers + (["req/s now ÷ baseline, by round", "sidecar CPU/req now ÷ baseline, by round"]
+                      if rounds > 1 else [])
+
+
+def pairs_table(found: list[Pair], rounds: int) -> list[list[str]]:
+    return [[p.scenario, p.baseline, _f(p.rps_ratio, ".3f"), _f(p.sidecar_cpu_ratio, ".3f"),
+             *(["  ".join(_f(v, ".3f") for v in p.rps_ratio_by_round),
+                "  ".join(_f(v, ".3f") for v in p.sidecar_cpu_ratio_by_round)] if rounds > 1 else [])]
+            for p in found]
 
 
 # --- reporting ---------------------------------------------------------------------------------------------
@@ -780,6 +1004,11 @@ def markdown(rows: list[Row], runs: list[Row], facts: dict[str, str], notes: lis
     if args.rounds > 1:
         out += ["", "Each round's ratios, to the floor runs before and after that round:", ""]
         out += _markdown_table(ROUNDS_HEADERS, rounds_table(runs))
+    if found := pairs(runs):
+        out += ["", f"The current sidecar against `{args.baseline}`'s, scenario by scenario (each baseline row ran "
+                    "right after its current one)" + (": the median over the rounds of each round's ratio, and "
+                                                      "each round's" if args.rounds > 1 else "") + ":", ""]
+        out += _markdown_table(pairs_headers(args.rounds), pairs_table(found, args.rounds))
     out.append("")
     out += [f"- {n}" for n in notes]
     out.append("")
@@ -807,22 +1036,26 @@ def update_docs(report: str, path: Path = DOCS) -> None:
     path.write_text(f"{text[:start]}\n\n{body}\n\n{text[end:]}")
 
 
-def chart(rows: list[Row], path: Path, title: str) -> None:
+def chart(rows: list[Row], path: Path, title: str, found: list[Pair] | None = None) -> None:
+    """``found``: the baseline pairs, whose rows are drawn lighter and whose current rows carry now ÷ baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r.requests]
-    labels = [r.label for r in shown]
-    colors = ["tab:red" if r.bad else "tab:blue" for r in shown]
+    by_scenario = {p.scenario: p for p in found or []}
+    labels = [r.label + (f"\n÷ baseline: req/s {_f(pair.rps_ratio, '.2f')}, sidecar CPU "
+                         f"{_f(pair.sidecar_cpu_ratio, '.2f')}" if (pair := by_scenario.get(r.scenario)) else "")
+              for r in shown]
+    colors = ["tab:red" if r.bad else "lightsteelblue" if r.baseline else "tab:blue" for r in shown]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 0.5 * len(shown) + 2.5), sharey=True)
     y = range(len(shown))
     ax1.barh(y, [r.rps for r in shown], color=colors)
-    ax1.set_title("req/s (red: errors)")
+    ax1.set_title("req/s (red: errors" + ("; light: the baseline's sidecar" if found else "") + ")")
     ax2.barh(y, [r.envoy_cpu_us for r in shown], color="tab:gray", label="Envoy")
     ax2.barh(y, [r.sidecar_cpu_us or 0 for r in shown], left=[r.envoy_cpu_us for r in shown],
-             color="tab:orange", label="sidecar")
+             color=["navajowhite" if r.baseline else "tab:orange" for r in shown], label="sidecar")
     ax2.set_title("CPU µs per request")
     ax2.legend(loc="lower right")
     ax3.barh([i - 0.2 for i in y], [r.p50_ms for r in shown], height=0.4, label="p50")
@@ -846,6 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every scenario this many times, the floor between rounds; report medians")
     parser.add_argument("--only", help="comma-separated scenarios (the floor runs first, between rounds and last)")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run every scenario that starts the sidecar with the sidecar of this git ref "
+                             "(checked out in a temporary worktree), right after the current one")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--update-docs", action="store_true", help=f"also put the table into {DOCS.name}")
@@ -860,23 +1096,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     sequence = [n for n in ORDER if n in wanted and n != "floor"]
-    names = [(n, r) for r in range(1, args.rounds + 1) for n in ("floor", *sequence)] + [("floor", args.rounds + 1)]
+    commit = short = ""
+    if args.baseline is not None:
+        if not any(n in SIDECAR_SCENARIOS for n in sequence):
+            parser.error(f"--baseline compares the sidecar, and none of {', '.join(sequence) or 'floor'} starts it; "
+                         f"those that do: {', '.join(SIDECAR_SCENARIOS)}")
+        try:
+            commit, short = resolve_ref(args.baseline)
+        except ValueError as exc:
+            parser.error(f"--baseline: {exc}")
     command = "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     facts = machine_facts(command.strip())
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    runs = run_scenarios(args, names, log)
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if args.baseline is not None:
+            log(f"baseline: {args.baseline} = {commit}, checked out in a temporary worktree")
+            baseline = stack.enter_context(baseline_tree(args.baseline, commit, short))
+            log(f"    its sidecar imports extauthz from {baseline.module}")
+        names = run_names(sequence, args.rounds, baseline)
+        runs = run_scenarios(args, names, log, baseline)
     facts["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     drift = add_ratios(runs)
     rows = summarize(runs)
+    found = pairs(runs)
     notes = [drift, _upstream_note(rows),
              "Ratios: req/s and CPU per request against the mean of the floor runs around each run. CPU is "
              "utime+stime from /proc over the measured load only; the sidecar is `extauthz serve` (one process), "
              "the floor server, or the ceiling's fixed-allow Envoy.",
              "non-2xx is Envoy's own count (downstream_rq_completed - downstream_rq_2xx over the load), plus "
              "wrk's socket errors; any is flagged: a benchmark of errors measures nothing."]
+    if baseline is not None:
+        notes.append(
+            f"Baseline: each `<scenario>@{baseline.short}` row is the scenario again with the sidecar of "
+            f"`{baseline.ref}` ({baseline.commit}), run from a temporary git worktree (removed after the run) with "
+            f"the same interpreter and venv, its extauthz first on the import path (checked before measuring: "
+            f"{baseline.module}). Everything else is this tree's: Envoy's configs, the policies, the upstream, the "
+            "harness. Each ran right after its current row, between the same floor runs, so the ratios to the floor "
+            "compare; `now ÷ baseline` above 1 for req/s and below 1 for sidecar CPU per request means the current "
+            "tree does better.")
     if args.smoke:
         notes.insert(0, "Smoke run: it shows the harness works; its figures are not for reading (1 s runs, the next "
                         "scenario starting while one is measured).")
@@ -889,8 +1150,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_docs:
         update_docs(report)
     chart(rows, args.results_dir / "compare.png", f"{command} - {facts['date']} - {facts['cpu']}, "
-          f"{facts['cores']} cores, Envoy {facts['envoy']}")
-    document = {"facts": facts, "notes": notes, "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in runs]}
+          f"{facts['cores']} cores, Envoy {facts['envoy']}", found)
+    document: dict[str, Any] = {"facts": facts, "notes": notes, "rows": [asdict(r) for r in rows],
+                                "runs": [asdict(r) for r in runs]}
+    if baseline is not None:
+        document["baseline"] = {**asdict(baseline), "tree": str(baseline.tree), "pairs": [asdict(p) for p in found]}
     (args.results_dir / "compare.json").write_text(json.dumps(document, indent=2) + "\n")
     if args.json:
         print(json.dumps(document, indent=2))
@@ -898,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text_table(HEADERS, table_rows(rows)))
         if args.rounds > 1:
             print(text_table(ROUNDS_HEADERS, rounds_table(runs)))
+        if found:
+            print(text_table(pairs_headers(args.rounds), pairs_table(found, args.rounds)))
         for note in notes:
             print(note)
         print(f"written: {args.results_dir / 'compare.md'}, compare.png, compare.json")
