@@ -27,7 +27,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # The same uid:gid as the pod's securityContext (runAsUser/runAsGroup 65532).
 USER 65532:65532
 # --metrics-address: /metrics, /healthz, /readyz (the probes and Prometheus).
-# The gRPC port (9001) is bound to 127.0.0.1 for Envoy in the same pod only.
+# The gRPC port (9001) is bound to 127.0.0.1 for Envoy in the same pod only; the Kubernetes
+# manifests give Envoy a Unix socket in a volume only the two share (docs/kubernetes.md).
 EXPOSE 9090
 ENTRYPOINT ["extauthz"]
 CMD ["serve", "--config", "/etc/extauthz/policy.yaml", "--grpc-address", "127.0.0.1:9001", \

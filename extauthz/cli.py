@@ -20,6 +20,7 @@ from extauthz import __version__
 from extauthz.policy.errors import PolicyError
 
 if TYPE_CHECKING:
+    from extauthz.policy.loader import ShapeCheck
     from extauthz.policy.model import Policy
 
 EXAMPLE_POLICY = Path(__file__).parent / "examples" / "policy.yaml"
@@ -58,6 +59,11 @@ def _policy_exit(exc: PolicyError) -> Exit:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from extauthz.policy.loader import start_shape_check
+
+    # The policy's shape pass runs in a child while this process imports the server: a sidecar restarted
+    # after a crash is back sooner (the child is on the other core meanwhile).
+    started = start_shape_check(args.config) if args.worker_of is None else None
     from extauthz.observability.logging import configure
     from extauthz.server.app import serve
     from extauthz.server.loop import run as run_loop
@@ -66,7 +72,11 @@ def _serve(args: argparse.Namespace) -> int:
     configure(args.log_format, args.log_level)
     try:
         if args.worker_of is None:
-            workers = _serve_workers(args)
+            try:
+                workers = _serve_workers(args, started)
+            finally:
+                if started is not None:
+                    started.close()  # the load took it, or it was not needed: no child left waiting
             if isinstance(workers, int):
                 return workers
             run_loop(serve(Path(args.config), args.grpc_address, args.metrics_address, args.admin_address,
@@ -92,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _serve_workers(args: argparse.Namespace) -> int | Policy | None:
+def _serve_workers(args: argparse.Namespace, started: ShapeCheck | None = None) -> int | Policy | None:
     """With more than one worker, run the supervisor and return its exit code; else serve in this process.
 
     The policy is loaded here only when it decides (no ``--workers``), or for the
@@ -105,7 +115,7 @@ def _serve_workers(args: argparse.Namespace) -> int | Policy | None:
 
     policy = None
     if args.workers is None:
-        policy = load_for_serving(args.config, shape_in_child=True)
+        policy = load_for_serving(args.config, shape_in_child=True, started=started)
         setting = getattr(policy.server, "workers", 1)
         if setting is None or (type(setting) is int and setting == 1):
             return policy  # the usual case: one process, which need not hold the supervisor's code (~1 MB)
@@ -120,7 +130,7 @@ def _serve_workers(args: argparse.Namespace) -> int | Policy | None:
         return Exit.USAGE
     if count == 1:
         return policy
-    policy = policy or load_for_serving(args.config, shape_in_child=True)
+    policy = policy or load_for_serving(args.config, shape_in_child=True, started=started)
     line_atomic_stderr()
     server = policy.server
     settings = SupervisorSettings(
@@ -130,6 +140,10 @@ def _serve_workers(args: argparse.Namespace) -> int | Policy | None:
         http_address=args.http_address if args.http_address is not None else getattr(server, "http_address", ""),
         watch_interval=args.watch_interval, log_format=args.log_format, log_level=args.log_level,
     )
+    from extauthz.server.validation import parse_grpc_address
+
+    # Before any worker starts: each would refuse a cleartext --grpc-address off loopback, one after another.
+    parse_grpc_address(settings.grpc_address, server.tls is not None)
     return supervise(policy, settings, count)
 
 
@@ -291,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC ext_authz/ext_proc server")
     serve.add_argument("--config", required=True, help="policy file (YAML or JSON)")
     serve.add_argument("--grpc-address",
-                       help="HOST:PORT or unix:/PATH to listen on (overrides server.grpcAddress)")
+                       help="HOST:PORT or unix:/PATH to listen on (overrides server.grpcAddress); without "
+                            "server.tls, loopback or unix: only")
     serve.add_argument("--http-address",
                        help="HOST:PORT or unix:/PATH to also serve ext_authz over HTTP/1.1 (Envoy's http_service, "
                             "envoy/envoy-http.yaml; overrides server.httpAddress)")

@@ -107,12 +107,24 @@ def listener(config: dict[str, Any], name: str) -> dict[str, Any]:
     return found[0]
 
 
-def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
+def cluster_endpoint(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The one endpoint address of a static cluster: ``{"socket_address": ...}`` or ``{"pipe": ...}``."""
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
-    endpoints = [e["endpoint"]["address"]["socket_address"]
-                 for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+    endpoints = [e["endpoint"]["address"] for group in cluster["load_assignment"]["endpoints"]
+                 for e in group["lb_endpoints"]]
     assert len(endpoints) == 1
-    return endpoints[0]["address"], int(endpoints[0]["port_value"])
+    address: dict[str, Any] = endpoints[0]
+    return address
+
+
+def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
+    endpoint = cluster_endpoint(config, name)["socket_address"]
+    return endpoint["address"], int(endpoint["port_value"])
+
+
+def security(pod: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+    """A container's effective security context: the pod's, overridden field by field by its own."""
+    return {**pod.get("securityContext", {}), **c.get("securityContext", {})}
 
 
 def context_proxies(config: dict[str, Any]) -> set[str]:
@@ -237,13 +249,17 @@ def test_envoy_config_in_the_configmap_passes_envoy_validate(build: str, tmp_pat
 
 
 def test_pod_envoy_config_is_the_shipped_one_plus_the_probe_listener() -> None:
-    """k8s/base/envoy.yaml may differ from envoy/envoy.yaml only by the `health` listener."""
+    """k8s/base/envoy.yaml may differ from envoy/envoy.yaml only by the `health` listener and extauthz's socket."""
     shipped = yaml.safe_load((ENVOY_DIR / "envoy.yaml").read_text())
     pod = yaml.safe_load((K8S / "base" / "envoy.yaml").read_text())
     listener(pod, HEALTH_LISTENER)
     pod["static_resources"]["listeners"] = [
         li for li in pod["static_resources"]["listeners"] if li["name"] != HEALTH_LISTENER
     ]
+    endpoint = cluster_endpoint(pod, "extauthz")
+    assert set(endpoint) == {"pipe"}, "in the pod Envoy reaches extauthz on its Unix socket"
+    endpoint.clear()
+    endpoint.update(cluster_endpoint(shipped, "extauthz"))
     assert pod == shipped, "k8s/base/envoy.yaml drifted from envoy/envoy.yaml: copy the change over"
 
 
@@ -252,10 +268,56 @@ def test_containers_are_wired_to_each_other(build: str, tmp_path: Path) -> None:
     docs = objects(build)
     envoy = envoy_config(docs, tmp_path)
     grpc_address = option(container(docs, "extauthz")["args"], "--grpc-address")
-    assert cluster_address(envoy, "extauthz") == ("127.0.0.1", int(grpc_address.rsplit(":", 1)[1]))
-    assert grpc_address.startswith("127.0.0.1:"), "extauthz's gRPC port must not be reachable from outside the pod"
+    assert grpc_address.startswith("unix:/"), "extauthz's gRPC must be a socket only Envoy can reach"
+    assert cluster_endpoint(envoy, "extauthz") == {"pipe": {"path": grpc_address.removeprefix("unix:")}}
     assert cluster_address(envoy, "app")[0] == "127.0.0.1"
     assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def socket_mounts(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The volume holding extauthz's gRPC socket, and each container's mount of it."""
+    path = option(container(docs, "extauthz")["args"], "--grpc-address").removeprefix("unix:")
+    directory = str(Path(path).parent)
+    mounts = {c["name"]: m for c in pod_spec(docs)["containers"] for m in c.get("volumeMounts", [])
+              if directory == m["mountPath"].rstrip("/") or directory.startswith(m["mountPath"].rstrip("/") + "/")}
+    assert "extauthz" in mounts, f"{path} is on no volume of extauthz: it would be in its read-only root"
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == mounts["extauthz"]["name"]]
+    return volume, mounts
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_only_envoy_and_extauthz_can_reach_the_grpc_socket(build: str) -> None:
+    """The app shares the network namespace, not this volume: it can neither call extauthz nor take its place."""
+    docs = objects(build)
+    volume, mounts = socket_mounts(docs)
+    assert set(volume) == {"name", "emptyDir"}, "a volume of the pod's own, shared by nothing outside it"
+    assert set(mounts) == {"envoy", "extauthz"}
+    assert all(m["name"] == volume["name"] for m in mounts.values())
+    assert mounts["envoy"].get("readOnly") is True, "Envoy connects; it must not remove or replace the socket"
+    assert not mounts["extauthz"].get("readOnly"), "extauthz creates the socket"
+    assert not pod_spec(docs).get("shareProcessNamespace"), "another container's /proc/PID/root would reach it"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_envoy_is_in_the_group_of_the_socket_extauthz_creates(build: str) -> None:
+    """extauthz makes its socket mode 0660, group its own: Envoy, another user, must be in that group."""
+    docs = objects(build)
+    pod = pod_spec(docs)
+    sidecar, envoy = security(pod, container(docs, "extauthz")), security(pod, container(docs, "envoy"))
+    assert sidecar["runAsUser"] != envoy["runAsUser"]
+    envoy_groups = {envoy.get("runAsGroup"), pod["securityContext"].get("fsGroup"),
+                    *pod["securityContext"].get("supplementalGroups", [])}
+    assert sidecar["runAsGroup"] in envoy_groups
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_the_sidecar_on_a_unix_socket_runs_one_process(build: str) -> None:
+    """Workers share a TCP port; on a socket `serve` refuses them, so the pod must never ask for more than one."""
+    docs = objects(build)
+    c = container(docs, "extauthz")
+    (workers,) = [v for v in c.get("env", []) if v["name"] == "EXTAUTHZ_WORKERS"]
+    assert workers == {"name": "EXTAUTHZ_WORKERS", "value": "1"}, "not from the CPU limit: an overlay may raise it"
+    assert "--workers" not in c["args"]
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -301,7 +363,7 @@ def test_policy_and_secret_reach_extauthz_as_a_directory(build: str) -> None:
     # ConfigMap and the example's Secret carry a content hash: an edit rolls the pods,
     # since Envoy reads its config, and extauthz the credential, only when they start.
     assert ("ConfigMap", "orders-api-extauthz-policy") in referenced(docs)
-    (envoy_mount,) = container(docs, "envoy")["volumeMounts"]
+    (envoy_mount,) = [m for m in container(docs, "envoy")["volumeMounts"] if m["mountPath"] == "/etc/envoy"]
     envoy_cm = next(v for v in pod_spec(docs)["volumes"] if v["name"] == envoy_mount["name"])["configMap"]["name"]
     assert re.fullmatch(r"orders-api-envoy-[a-z0-9]{10}", envoy_cm)
     if build != "base":
@@ -519,7 +581,14 @@ def test_image_runs_what_the_pod_runs_as_a_numeric_non_root_user() -> None:
     extauthz = container(objects("base"), "extauthz")
     assert "command" not in extauthz, "the pod relies on the image's ENTRYPOINT"
     assert entrypoint == ["extauthz"]
-    assert cmd == extauthz["args"], "`docker run` and the pod should run the same command"
+    # The same command, but for the gRPC address: the pod's socket is on a volume `docker run` does not
+    # have; on its own, the image listens on loopback.
+    assert option(cmd, "--grpc-address").startswith("127.0.0.1:")
+    assert option(extauthz["args"], "--grpc-address").startswith("unix:")
+    grpc_value = cmd.index("--grpc-address") + 1
+    assert [*cmd[:grpc_value], *cmd[grpc_value + 1:]] == [
+        a for i, a in enumerate(extauthz["args"]) if i != extauthz["args"].index("--grpc-address") + 1
+    ], "`docker run` and the pod should run the same command"
 
 
 def test_docker_context_is_small_and_builds_the_package(tmp_path: Path) -> None:

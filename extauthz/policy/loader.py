@@ -897,20 +897,27 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 
 def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None, *,
-                 shape_in_child: bool = False) -> Policy:
+                 shape_in_child: bool = False, started: ShapeCheck | None = None) -> Policy:
     """Shape first (every type, bound and unknown field in the file, from the declared model), then meaning
     (patterns, references, files); all issues of both passes are reported together, each once.
 
     ``shape_in_child``: the server's choice. The shape pass is pydantic's, and
     pydantic with the policy models costs a long-running process about 10 MB
     that it would hold for good after one load; the pass then runs in a short
-    child process instead (:class:`_ShapeCheck`), on the very same bytes, while
-    this process runs the second pass.
+    child process instead (:class:`ShapeCheck`), on the very same bytes, while
+    this process runs the second pass. ``started``: a child already at work on
+    this file (:func:`start_shape_check`), used if it read these very bytes.
     """
     raw = text.encode() if isinstance(text, str) else text
     ctx = _Ctx(file, base_dir or Path.cwd())
     document = read_document(raw, file)
-    check = _ShapeCheck(raw, file) if shape_in_child else None
+    check = None
+    if started is not None and started.raw == raw and started.file == file:
+        check = started
+    elif started is not None:
+        started.close()
+    if check is None and shape_in_child:
+        check = ShapeCheck(raw, file)
     try:
         shape = _shape_issues(document, file) if check is None else []
         try:
@@ -940,7 +947,7 @@ def _shape_issues(document: object, file: str) -> list[Issue]:
     return shape_issues(document, file)
 
 
-class _ShapeCheck:
+class ShapeCheck:
     """The shape pass (:func:`extauthz.policy.schema.shape_issues`) in a child process, started at once.
 
     The child is this interpreter with this process's ``sys.path``, so it runs
@@ -983,6 +990,21 @@ class _ShapeCheck:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def start_shape_check(path: str | os.PathLike[str]) -> ShapeCheck | None:
+    """The shape pass of a policy file, started in a child now, for a load that comes later.
+
+    A restarted sidecar must answer again within a second or two: started
+    before the server's own imports, the child's interpreter and pydantic load
+    on the other core meanwhile instead of after them. None if the file cannot
+    be read (the load reports that itself).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
+    return ShapeCheck(raw, str(path))
 
 
 def _parse_root(ctx: _Ctx, document: object) -> Policy:

@@ -23,13 +23,20 @@ from grpc_health.v1._async import HealthServicer
 from extauthz.observability import metrics
 from extauthz.observability.http import ObservabilityServer
 from extauthz.server import authorization
-from extauthz.server.grpc_lean import LeanGrpcServer, Methods, health_check
+from extauthz.server.grpc_lean import LeanGrpcServer, Methods, health_check, health_watch
 from extauthz.server.http_authorization import HttpAuthorizationServer
 from extauthz.server.processing import ExternalProcessorServicer
 from extauthz.server.reload import DEFAULT_INTERVAL_SECONDS, PolicyWatcher
 from extauthz.server.runtime import RuntimeHolder
 from extauthz.server.tls import CertificateReloader, server_credentials
-from extauthz.server.validation import parse_address, parse_admin_address, parse_http_address, probe_listen
+from extauthz.server.validation import (
+    UNIX_SOCKET_MODE,
+    parse_address,
+    parse_admin_address,
+    parse_grpc_address,
+    parse_http_address,
+    probe_listen,
+)
 
 if TYPE_CHECKING:  # only `serve --workers` runs workers, and it imports them itself: one process pays no MB for it
     from extauthz.policy.model import Policy
@@ -43,7 +50,56 @@ _IN_FLIGHT_GRACE_SECONDS = 2.0
 SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor")
 PROCESS_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH_PATH = "/grpc.health.v1.Health/Watch"
 GRPC_SERVER_ENV = "EXTAUTHZ_GRPC_SERVER"
+
+# What one peer may cost a grpc.aio server (the TLS/fallback listener and the admin service): grpcio's
+# defaults leave most of it unbounded. Envoy stays within every one of these.
+GRPC_AIO_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); the default is none.
+    # Envoy opens another connection rather than exceed it; grpcio's client queues the extra calls.
+    ("grpc.max_concurrent_streams", 100),
+    # One request message, buffered whole before the handler sees it: a CheckRequest with a request body.
+    ("grpc.max_receive_message_length", 8 << 20),
+    # The request headers (HPACK-decoded) of one call. Envoy sends a few hundred bytes (the caller's headers
+    # travel in the message); soft and hard limit alike, so every call above it is refused, not a sample.
+    ("grpc.max_metadata_size", 16 << 10),
+    ("grpc.absolute_max_metadata_size", 16 << 10),
+    # The HTTP/2 frame size the server accepts: the protocol's minimum, stated rather than left to a default.
+    ("grpc.http2.max_frame_size", 16 << 10),
+    # No bandwidth-delay probing: it grows each stream's receive window (memory a peer may fill before a
+    # handler reads) for throughput that a pod-local or LAN peer with small messages does not need.
+    ("grpc.http2.bdp_probe", 0),
+    # A TLS handshake (or the HTTP/2 preface) must be done in 10 s, not grpcio's 120: a peer that connects
+    # and stalls holds a connection slot and its buffers for that long.
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    # Connections at once, the whole listener, as on the own server: Envoy opens a handful (one per worker
+    # thread, another when one is at its stream limit); a peer that opens more is not Envoy.
+    ("grpc.max_allowed_incoming_connections", 128),
+    # A connection without a call for 5 min is closed (GOAWAY); Envoy's pool opens a new one on its next
+    # Check, one handshake in 5 min at most.
+    ("grpc.max_connection_idle_ms", 300_000),
+    # Every connection ends after 30 min (grpcio adds +-10 % jitter, so they do not all end at once): a
+    # rotated certificate or CA, and the kernel's spreading over workers, reach every peer within it. GOAWAY
+    # lets calls in flight finish; Envoy sends the next ones on a new connection.
+    ("grpc.max_connection_age_ms", 1_800_000),
+    # ...within 30 s: Checks take milliseconds; an ext_proc stream lives as long as its request through
+    # Envoy, and one still open then is cut (Envoy answers that request per its failure mode).
+    ("grpc.max_connection_age_grace_ms", 30_000),
+    # The server pings a silent peer every 2 min and drops it if no answer comes within 20 s: a peer that
+    # vanished (node gone, half-open connection) frees its streams in minutes, not grpcio's 2 h.
+    ("grpc.keepalive_time_ms", 120_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # Keepalive pings a peer may send: at most one per 10 s while no data flows, with calls open or not
+    # (Envoy's `connection_keepalive`, if configured, pings idle connections too)...
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # ...and after 2 pings faster than that, GOAWAY (ENHANCE_YOUR_CALM): a ping flood costs one connection.
+    ("grpc.http2.max_ping_strikes", 2),
+)
+# Calls in progress at once over all connections of one grpc.aio server; beyond it, RESOURCE_EXHAUSTED at once
+# (Envoy then answers per its failure mode) instead of memory growing with every queued call.
+GRPC_AIO_MAX_CONCURRENT_RPCS = 1000
 
 
 def grpc_server() -> str:
@@ -52,11 +108,26 @@ def grpc_server() -> str:
     return "grpcio" if os.environ.get(GRPC_SERVER_ENV, "").strip().lower() == "grpcio" else "lean"
 
 
+def _share_unix_socket(spec: str) -> None:
+    """grpcio creates its Unix socket with the umask's mode: Envoy, in the socket's group, could not connect.
+
+    The same mode as the own server's socket. grpcio binds and listens in
+    ``add_*_port``, so it is set a moment after the socket appears, before any
+    call is answered (``start``); with the usual umask (022) no one but the
+    owner can connect in that moment.
+    """
+    address = parse_address(spec)
+    if address.is_unix:
+        os.chmod(address.unix_path, UNIX_SOCKET_MODE)
+
+
 class Server:
     def __init__(self, sidecar: RuntimeHolder, address: str, admin_address: str = "",
                  reuse_port: bool = False, http_address: str = "") -> None:
         self.sidecar = sidecar
         self.address = address
+        tls = sidecar.runtime.policy.server.tls
+        parse_grpc_address(address, tls is not None)  # --grpc-address too: cleartext stays on loopback
         # One process owns its port, so a second sidecar on it fails clearly; workers (serve --workers)
         # share it through SO_REUSEPORT, and their supervisor probed it before starting them.
         if not reuse_port:
@@ -64,7 +135,6 @@ class Server:
         checks = authorization.AuthorizationServicer(sidecar.authorizer)
         # Response filtering; the policy is read per stream so a reload applies to the next response.
         processor = ExternalProcessorServicer(lambda: sidecar.runtime.policy)
-        tls = sidecar.runtime.policy.server.tls
         self.certificates: CertificateReloader | None = None
         self.grpc: grpc.aio.Server | None = None
         self.lean: LeanGrpcServer | None = None
@@ -73,12 +143,12 @@ class Server:
             self.lean = LeanGrpcServer(Methods(
                 unary={authorization.CHECK_PATH: checks.check_message, HEALTH_CHECK_PATH: health_check(self.health)},
                 streams={PROCESS_PATH: processor.open_stream},
+                server_streams={HEALTH_WATCH_PATH: health_watch(self.health)},
             ), address, reuse_port=reuse_port)
             self.port = self.lean.port
         else:
-            self.grpc = grpc.aio.server(
-                options=[("grpc.so_reuseport", int(reuse_port)), ("grpc.max_receive_message_length", 8 << 20)]
-            )
+            self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)), *GRPC_AIO_OPTIONS],
+                                        maximum_concurrent_rpcs=GRPC_AIO_MAX_CONCURRENT_RPCS)
             authorization.add_to_server(checks, self.grpc)
             external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, self.grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -89,13 +159,15 @@ class Server:
                 self.port = self.grpc.add_insecure_port(address)
             if self.port == 0:
                 raise OSError(f"cannot listen on {address}")
+            _share_unix_socket(address)
         self.admin: grpc.aio.Server | None = None
         if admin_address:
             parse_admin_address(admin_address)
             probe_listen(admin_address, "admin, server.adminAddress")
             from extauthz.admin.service import add_admin_service
 
-            self.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.admin = grpc.aio.server(options=[("grpc.so_reuseport", 0), *GRPC_AIO_OPTIONS],
+                                         maximum_concurrent_rpcs=GRPC_AIO_MAX_CONCURRENT_RPCS)
             add_admin_service(self.admin, sidecar)
             if self.admin.add_insecure_port(admin_address) == 0:
                 raise OSError(f"cannot listen on {admin_address} (admin)")

@@ -1,10 +1,11 @@
 """What the server checks beyond the policy loader, shared by ``serve``, hot reload and ``validate``.
 
 The loader proves a policy is well formed; these checks prove the server can run
-it: listen addresses parse (and the unauthenticated admin service is loopback
-only), TLS files are a usable certificate/key pair, inline or file JWKS hold a
-usable signing key. ``extauthz validate`` runs exactly these, so CI rejects what
-the server would reject, and every issue names ``file:line: field``.
+it: listen addresses parse (the unauthenticated admin service, and cleartext
+gRPC, are loopback or Unix sockets only), TLS files are a usable
+certificate/key pair, inline or file JWKS hold a usable signing key.
+``extauthz validate`` runs exactly these, so CI rejects what the server would
+reject, and every issue names ``file:line: field``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 from extauthz.errors import ExtauthzError
 from extauthz.identity.jwks import parse_jwks  # the very parser the key sets use
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import parse_policy
+from extauthz.policy.loader import ShapeCheck, parse_policy
 from extauthz.policy.model import Policy, thaw
 from extauthz.policy.source import LDict, LList, read_document
 from extauthz.server.tls import TlsError, read_material
@@ -61,10 +63,47 @@ class ListenAddress:
         """
         loop = asyncio.get_running_loop()
         if self.is_unix:
-            return await loop.create_unix_server(protocol, self.unix_path), 0
+            return await loop.create_unix_server(protocol, sock=bind_unix(self.unix_path, self.spec)), 0
         server = await loop.create_server(protocol, self.host or None, self.port, reuse_address=True,
                                           reuse_port=reuse_port or None)
         return server, int(server.sockets[0].getsockname()[1])
+
+
+# Owner and group may connect, others not, whatever the umask: in a pod, Envoy
+# (another user, the same group) connects to a socket the sidecar creates.
+UNIX_SOCKET_MODE = 0o660
+
+
+def bind_unix(path: str, spec: str) -> socket.socket:
+    """A bound, not yet listening, Unix socket at ``path``, mode :data:`UNIX_SOCKET_MODE`.
+
+    A socket file left by a killed process is replaced, so a restarted sidecar
+    gets its address back; one that a live process still answers on is not
+    taken over (a second sidecar must fail, as on a busy TCP port), and a file
+    that is not a socket is never deleted. The mode is set before ``listen``,
+    so no one connects while the umask's mode is in force.
+    """
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                found = probe.connect_ex(path)
+            if found != errno.ECONNREFUSED:  # answered, busy, or not ours to judge: leave it be
+                reason = "address already in use" if found in (0, errno.EAGAIN) else os.strerror(found)
+                raise ListenError(f"cannot listen on {spec}: {reason}")
+            os.unlink(path)  # nothing listens: a killed process's socket
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, UNIX_SOCKET_MODE)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {spec}: {reason}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def parse_address(spec: str, unix: bool = True) -> ListenAddress:
@@ -95,6 +134,16 @@ def probe_listen(spec: str, what: str) -> None:
 
     Raises :class:`ListenError`. Unix sockets are left to the server (a stale
     socket file is replaced there).
+
+    The probe binds with ``SO_REUSEADDR``, as every real listener does (asyncio's
+    and uvloop's ``create_server`` on POSIX, grpc.aio always): "busy" must mean
+    another socket *listens* there. Without it, the connections a crashed or
+    OOM-killed sidecar leaves in TIME_WAIT (about a minute on Linux) made its
+    replacement refuse to start, though its listeners would have bound fine.
+    No ``SO_REUSEPORT``, though workers set it: they share their port among
+    themselves only, and with it the probe would bind beside another process
+    listening with ``SO_REUSEPORT`` (another sidecar's workers) and find the
+    port free.
     """
     address = parse_address(spec)
     if address.is_unix:
@@ -102,6 +151,7 @@ def probe_listen(spec: str, what: str) -> None:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((address.host, address.port))
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
@@ -150,6 +200,23 @@ def parse_http_address(spec: str) -> ListenAddress:
     return address
 
 
+CLEARTEXT_GRPC_FIX = "set server.tls or bind 127.0.0.1/unix:"
+
+
+def parse_grpc_address(spec: str, tls: bool) -> ListenAddress:
+    """Any address with TLS; without it, loopback or a Unix socket only; raises ValueError.
+
+    Every Check carries a caller's bearer token and an allow answer the
+    upstream credential: in cleartext, only a peer on the same host (Envoy in
+    the pod) may see them.
+    """
+    address = parse_address(spec)
+    if not tls and not address.is_loopback:
+        raise ValueError(f"the gRPC listener without TLS binds to loopback only (Checks carry callers' "
+                         f"tokens, allow answers the upstream credential): {CLEARTEXT_GRPC_FIX}, found {spec!r}")
+    return address
+
+
 def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     """Everything that would stop ``extauthz serve`` from running this policy."""
     try:
@@ -163,7 +230,7 @@ def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
 
     server = policy.server
     checks: list[tuple[str, str, Callable[[str], ListenAddress]]] = [
-        ("server.grpcAddress", server.grpc_address, parse_address),
+        ("server.grpcAddress", server.grpc_address, lambda s: parse_grpc_address(s, server.tls is not None)),
         ("server.httpAddress", server.http_address, parse_http_address),
         ("server.metricsAddress", server.metrics_address, lambda s: parse_address(s, unix=False)),
         ("server.adminAddress", server.admin_address, parse_admin_address),
@@ -196,7 +263,8 @@ def serving_issues(policy: Policy, text: bytes | str) -> list[Issue]:
     return sorted(issues, key=lambda i: i.line)
 
 
-def load_for_serving(path: str | os.PathLike[str], *, shape_in_child: bool = False) -> Policy:
+def load_for_serving(path: str | os.PathLike[str], *, shape_in_child: bool = False,
+                     started: ShapeCheck | None = None) -> Policy:
     """Load a policy and run the server's checks; raises :class:`PolicyError` with every issue.
 
     The file is read once, so the line numbers of the server checks refer to the
@@ -211,7 +279,7 @@ def load_for_serving(path: str | os.PathLike[str], *, shape_in_child: bool = Fal
         text = file.read_bytes()
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read policy: {exc.strerror}")]) from None
-    policy = parse_policy(text, str(file), file.resolve().parent, shape_in_child=shape_in_child)
+    policy = parse_policy(text, str(file), file.resolve().parent, shape_in_child=shape_in_child, started=started)
     issues = serving_issues(policy, text)
     if issues:
         raise PolicyError(issues)

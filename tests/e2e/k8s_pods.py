@@ -137,15 +137,26 @@ def mount_like_kubelet(directory: Path, files: dict[str, bytes]) -> None:
 
 
 def container_filesystem(docs: list[dict[str, Any]], name: str, root: Path,
-                         deployment: str = POD) -> dict[str, Path]:
-    """Materialise a container's volume mounts under ``root``; returns mountPath -> directory."""
+                         deployment: str = POD, empty_dirs: Path | None = None) -> dict[str, Path]:
+    """Materialise a container's volume mounts under ``root``; returns mountPath -> directory.
+
+    An ``emptyDir`` is one directory per pod, shared by the containers that
+    mount it (the extauthz socket's): ``empty_dirs/<volume>``, linked at the
+    mount path (``root/emptyDir`` when not given: a tree of its own).
+    """
     volumes = {v["name"]: v for v in pod_spec(docs, deployment).get("volumes", [])}
     mounts: dict[str, Path] = {}
     for mount in container(docs, name, deployment).get("volumeMounts", []):
         assert mount["name"] in volumes, f"{name} mounts undeclared volume {mount['name']}"
         directory = root / mount["mountPath"].lstrip("/")
-        directory.mkdir(parents=True)
-        mount_like_kubelet(directory, volume_files(docs, volumes[mount["name"]]))
+        if "emptyDir" in volumes[mount["name"]]:
+            shared = (empty_dirs or root / "emptyDir") / mount["name"]
+            shared.mkdir(parents=True, exist_ok=True)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            directory.symlink_to(shared)
+        else:
+            directory.mkdir(parents=True)
+            mount_like_kubelet(directory, volume_files(docs, volumes[mount["name"]]))
         mounts[mount["mountPath"]] = directory
     return mounts
 
@@ -190,6 +201,17 @@ def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion in command, args and env values: ``$$`` escapes, unknown names stay."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def kubelet_restarts(pod: dict[str, Any], exit_code: int) -> bool:
+    """Does kubelet start a container of ``pod`` again after it exited with ``exit_code`` (137: SIGKILL)?
+
+    By the pod's ``restartPolicy``: ``Always`` when unset (the only one a
+    Deployment accepts) restarts any exit, ``OnFailure`` a non-zero one, ``Never``
+    none. A first crash is restarted at once; kubelet's back-off delays repeated ones.
+    """
+    policy = pod.get("restartPolicy", "Always")
+    return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
 
 # --- the sidecar image -------------------------------------------------------

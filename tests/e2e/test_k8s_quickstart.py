@@ -20,7 +20,9 @@ probes, Services) is exercised, not only their schema:
 
 What it rewrites, and nothing else, for a single machine:
 
-- paths: an argument naming a file on a mounted volume points at the temp dir;
+- paths: an argument naming a file on a mounted volume points at the temp dir,
+  and so do a ``unix:`` address and Envoy's ``pipe`` (an emptyDir is one
+  short temp dir per pod, shared by the containers that mount it);
 - ports: every port of a pod (containerPorts, ports in args, the Envoy config's
   socket addresses) moves to a free local port, one map per pod, so the
   containers of a pod still meet on the same ports of a shared localhost while
@@ -39,10 +41,13 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -65,6 +70,7 @@ from tests.e2e.k8s_pods import (
     expand,
     image_command,
     in_container,
+    kubelet_restarts,
     objects,
     one,
     option,
@@ -151,6 +157,8 @@ class LocalPod:
         self.ports: dict[int, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
+        # The pod's emptyDir volumes: a short path of their own, as a Unix socket's path may have 107 bytes.
+        self.empty_dirs = Path(tempfile.mkdtemp(prefix="pod-"))
 
     def port(self, port: int) -> int:
         """The pod's port -> a free local one, the same for every container of the pod (shared localhost)."""
@@ -164,12 +172,17 @@ class LocalPod:
 
     # -- files
 
-    def rewrite_envoy_config(self, path: Path) -> None:
-        """Envoy's own ports (listeners, admin, the pod-local clusters) move with the pod's port map."""
+    def rewrite_envoy_config(self, path: Path, mounts: dict[str, Path]) -> None:
+        """Envoy's own ports (listeners, admin, the pod-local clusters) move with the pod's port map.
+
+        A Unix socket (``pipe``, extauthz's) is a path on a mounted volume, rewritten as paths in args are.
+        """
         config = yaml.safe_load(path.read_text())
 
         def walk(node: Any) -> None:
             if isinstance(node, dict):
+                if isinstance(node.get("pipe"), dict):
+                    node["pipe"]["path"] = str(in_container(mounts, node["pipe"]["path"]).resolve())
                 address = node.get("socket_address")
                 if isinstance(address, dict) and "port_value" in address:
                     assert address["address"] in LOCAL_HOSTS, \
@@ -227,6 +240,8 @@ class LocalPod:
             elif match := re.fullmatch(r"(-{1,2}[\w-]+=)?(127\.0\.0\.1|0\.0\.0\.0|localhost|):(\d+)", word):
                 prefix, host, port = match.groups()
                 out.append(f"{prefix or ''}{host}:{self.port(int(port))}")
+            elif word.startswith("unix:/"):  # a socket on a volume: the pod's path, moved with the volume
+                out.append(f"unix:{in_container(mounts, word.removeprefix('unix:')).resolve()}")
             elif word.startswith("/") and i:
                 out.append(str(in_container(mounts, word)))
             else:
@@ -244,13 +259,14 @@ class LocalPod:
     def start(self) -> None:
         for c in self.spec["containers"]:
             (self.root / c["name"]).mkdir(parents=True)
-            mounts = container_filesystem(self.cluster.docs, c["name"], self.root / c["name"], self.name)
+            mounts = container_filesystem(self.cluster.docs, c["name"], self.root / c["name"], self.name,
+                                          empty_dirs=self.empty_dirs)
             for port in c.get("ports", []):
                 self.port(port["containerPort"])
             env = container_env(self.spec, c, node_cpus=os.cpu_count() or 1)
             image_env = image_command()[2] if repository(c["image"]) == EXTAUTHZ_IMAGE else {}
             if repository(c["image"]) == "envoy":
-                self.rewrite_envoy_config(in_container(mounts, option(c["args"], "-c", "--config-path")))
+                self.rewrite_envoy_config(in_container(mounts, option(c["args"], "-c", "--config-path")), mounts)
             if repository(c["image"]) == EXTAUTHZ_IMAGE and c.get("args", [""])[0] == "serve":
                 self.rewrite_policy(in_container(mounts, option(c["args"], "--config")))
             argv = self.argv(c, mounts, env)
@@ -297,6 +313,26 @@ class LocalPod:
                 assert time.monotonic() < deadline, f"{c['name']} not ready: {answer}\n{self.log(c['name'])}"
                 time.sleep(0.1)
 
+    def kill_and_restart(self, name: str) -> float:
+        """SIGKILL a container, as the OOM killer does, and start it again as kubelet then does; returns when.
+
+        Kubelet restarts it (the pod's restartPolicy) with the same command,
+        environment and volumes: here the dead process's own command line,
+        environment and working directory, read before the kill, and its log
+        continued. The time is ``time.monotonic()`` at the restart command.
+        """
+        old = self.processes[name]
+        environ = Path(f"/proc/{old.pid}/environ").read_bytes().split(b"\0")
+        env = dict(os.fsdecode(item).split("=", 1) for item in environ if item)
+        cwd = os.readlink(f"/proc/{old.pid}/cwd")
+        old.kill()
+        old.wait(10)
+        assert kubelet_restarts(self.spec, 128 + signal.SIGKILL), f"{self.name}: {name} would stay down"
+        restarted = time.monotonic()
+        with self.logs[name].open("ab") as log:
+            self.processes[name] = subprocess.Popen(old.args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        return restarted
+
     def stop(self) -> None:
         # SIGTERM, as kubelet sends it; extauthz's `serve` gets SIGINT, which skips
         # the Kubernetes drain wait (tests/e2e/test_drain.py covers SIGTERM).
@@ -310,6 +346,7 @@ class LocalPod:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+        shutil.rmtree(self.empty_dirs, ignore_errors=True)
 
 
 class LocalCluster:
@@ -426,7 +463,7 @@ def test_the_one_rewrite_is_the_idps_service_url(quickstart: LocalCluster) -> No
 
 
 def test_only_envoy_and_the_probe_ports_are_reachable_at_the_pod_ip(quickstart: LocalCluster) -> None:
-    """The app (8081), extauthz's gRPC (9001) and Envoy's admin (9901) listen on the pod's loopback only."""
+    """The app (8081) and Envoy's admin (9901) listen on the pod's loopback only; extauthz's gRPC on no port."""
     pod = quickstart.pods[POD]
     if POD_IP == "127.0.0.1":
         pytest.skip("this machine has no address but loopback to stand in for a pod IP")
@@ -436,7 +473,17 @@ def test_only_envoy_and_the_probe_ports_are_reachable_at_the_pod_ip(quickstart: 
             assert s.connect_ex((POD_IP, pod.ports[port])) != 0, f"pod port {port} is reachable from outside the pod"
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", pod.ports[port])) == 0, f"nothing listens on pod port {port}"
-    assert {8081, 9001, 9901} <= set(pod.ports) - declared
+    assert {8081, 9901} <= set(pod.ports) - declared
+
+
+def test_extauthz_serves_envoy_on_a_socket_the_app_has_no_path_to(quickstart: LocalCluster) -> None:
+    """Envoy and extauthz see one socket on their shared volume; the app's filesystem has no such volume."""
+    pod = quickstart.pods[POD]
+    path = option(pod.container("extauthz")["args"], "--grpc-address").removeprefix("unix:")
+    seen = {name: pod.root / name / path.lstrip("/") for name in ("envoy", "extauthz", "app")}
+    assert stat.S_ISSOCK(seen["extauthz"].stat().st_mode)
+    assert seen["envoy"].samefile(seen["extauthz"])
+    assert not seen["app"].exists() and not seen["app"].parent.exists()
 
 
 def test_envoy_runs_one_worker_per_cpu_of_its_limit(quickstart: LocalCluster) -> None:
@@ -527,6 +574,32 @@ def test_quickstart_policy_is_the_sample_policy_with_the_in_cluster_idp(tmp_path
     assert provider.issuer == idp.issuer, "tokens carry the IdP's --issuer; the policy must trust exactly that"
     assert provider.jwks_uri == f"{idp.issuer}/.well-known/jwks.json"
     assert urllib.parse.urlsplit(provider.jwks_uri).hostname == "demo-idp.extauthz-quickstart.svc"
+
+
+def test_an_oom_killed_sidecar_container_answers_again_within_2s_of_its_restart(quickstart: LocalCluster) -> None:
+    """SIGKILL while Envoy holds a connection to it; kubelet restarts the container at once.
+
+    The new process listens where its predecessor's connections are still
+    held (TIME_WAIT on a TCP port, a socket file left behind on a Unix one).
+    Last of the quickstart's tests: the others see the pod as first started.
+    """
+    pod = quickstart.pods[POD]
+    status, token = http_get(POD_IP, quickstart.service_port("demo-idp", 8090),
+                             "/token?sub=user-123&tenant_id=acme&permissions=orders:read")
+    assert status == 200, token
+    envoy, headers = quickstart.service_port(POD, 80), {"authorization": f"Bearer {token.decode().strip()}"}
+    assert http_get(POD_IP, envoy, "/v1/orders", headers)[0] == 200  # Envoy holds a connection to the sidecar now
+    restarted = pod.kill_and_restart("extauthz")
+    while (status := http_get(POD_IP, envoy, "/v1/orders", headers)[0]) != 200:
+        assert status == 503, status  # the documented answer while extauthz is down
+        assert pod.processes["extauthz"].poll() is None, pod.log("extauthz")
+        assert time.monotonic() - restarted < STARTUP_SECONDS, pod.log("extauthz")
+        time.sleep(0.01)
+    elapsed = time.monotonic() - restarted
+    print(f"extauthz container: the first 200 {elapsed:.3f} s after the restart")
+    assert elapsed < 2.0, f"the first 200 came {elapsed:.2f} s after the restart\n{pod.log('extauthz')}"
+    pod.wait_started(time.monotonic() + STARTUP_SECONDS)  # kubelet's startup and liveness probes pass again
+    pod.wait_ready(time.monotonic() + STARTUP_SECONDS, containers=["extauthz"])
 
 
 # --- the example overlay ---------------------------------------------------------
