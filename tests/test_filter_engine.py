@@ -391,13 +391,16 @@ JSON_HEADERS = {"content-type": "application/json; charset=utf-8", "content-leng
 
 
 def caller(**overrides: Any) -> Handoff:
-    metadata: dict[str, Any] = {
-        "v": "1", "decisionId": "d-1", "proxy": "api", "policy": POLICY.digest,
+    """The Check's hand-off as the response phase reads it back (plain lists of readings and values here)."""
+    fields: dict[str, Any] = {
+        "decisionId": "d-1", "proxy": "api", "policy": POLICY.digest,
         "methods": ["GET"], "paths": ["/v1/orders"], "host": "api",
         "filterValues": [{"callerSub": "me", "tier": "2", "tenant": "acme", "sub": "me"}],
     }
-    metadata.update(overrides)
-    found = Handoff.from_metadata(metadata)
+    fields.update(overrides)
+    sent = Handoff(fields["decisionId"], fields["proxy"], fields["policy"], tuple(fields["methods"]),
+                   tuple(fields["paths"]), fields["host"], tuple(fields["filterValues"]))
+    found = Handoff.from_metadata(sent.to_metadata())
     assert found is not None
     return found
 
@@ -444,7 +447,8 @@ def test_partial_responses_to_a_filtered_request_are_blocked_whatever_the_status
 
 
 def test_a_handoff_of_another_version_counts_as_none() -> None:
-    assert Handoff.from_metadata({**caller().to_metadata(), "v": "2"}) is None
+    assert Handoff.from_metadata({**caller().to_metadata(), "v": "1"}) is None
+    assert Handoff.from_metadata({**caller().to_metadata(), "v": "3"}) is None
     assert Handoff.from_metadata(caller().to_metadata()) == caller()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from extauthz.core.claims import ANONYMOUS, Claims
 from extauthz.core.decision import Code, Decision, Mutations, new_decision_id
-from extauthz.core.handoff import Handoff
+from extauthz.core.handoff import MAX_ENCODED_BYTES, Handoff
 from extauthz.core.identity import TokenError, TokenVerifier
 from extauthz.core.mutations import Stripping, upstream_mutations
 from extauthz.core.normalize import REFUSED_METHODS, STANDARD_METHODS, method_matches
@@ -28,6 +28,7 @@ from extauthz.core.scope import request_in_scope
 from extauthz.core.tokens import FoundToken, find_token
 from extauthz.core.variables import resolve
 from extauthz.policy.model import Effect, Mode, Policy, Proxy
+from extauthz.policy.patterns import MAX_VALUE_LENGTH
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _NO_VALUES: Mapping[str, str] = MappingProxyType({})
@@ -185,7 +186,16 @@ class Authorizer:
             filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
                            for f in proxy.filters)
             if filtered:
-                metadata = handoff.to_metadata()
+                encoded = handoff.encoded()
+                if encoded is None:
+                    # Never allowed without it: the response phase would block the answer (no verified
+                    # request) only after the upstream had acted on the request.
+                    return Decision(False, 414, Code.URI_TOO_LONG,
+                                    f"{why}, but the response phase's hand-off would exceed {MAX_ENCODED_BYTES} "
+                                    f"bytes (path of {len(check.request.path)} characters, "
+                                    f"{len(handoff.paths)} readings)", check.decision_id, proxy.name,
+                                    verdict.rule if verdict else None, claims, policy=self.policy.digest)
+                metadata = encoded
         mutations = upstream_mutations(check.request, claims, found, forward_token, check.facts.stripping, filtered)
         monitored = verdict is not None and verdict.effect is Effect.DENY
         return Decision(True, 200, Code.WOULD_DENY if monitored else Code.ALLOWED, why, check.decision_id,
@@ -205,13 +215,20 @@ class Authorizer:
         """What the response phase needs: the request's readings and each filter's variables.
 
         A variable whose value differs between readings of the request is left
-        out (unresolved), so the filter resolves towards showing less.
+        out (unresolved), so the filter resolves towards showing less; so is one
+        too long to bind, which a pattern reads as unresolved all the same.
         """
         views = check.views
         values: list[dict[str, str]] = []
         for flt in check.proxy.filters:
+            # A value over MAX_VALUE_LENGTH binds as unresolved: handing it over would only repeat the path.
+            if len(views) == 1:  # most requests: nothing to compare
+                values.append({k: v for k, v in resolve(flt.variables, views[0], claims).items()
+                               if len(v) <= MAX_VALUE_LENGTH})
+                continue
             per_view = [resolve(flt.variables, view, claims) for view in views]
-            values.append({k: v for k, v in per_view[0].items() if all(o.get(k) == v for o in per_view[1:])})
+            values.append({k: v for k, v in per_view[0].items()
+                           if len(v) <= MAX_VALUE_LENGTH and all(o.get(k) == v for o in per_view[1:])})
         methods, paths = self._scope(check)
         return Handoff(
             decision_id=check.decision_id, proxy=check.proxy.name, policy=self.policy.digest,

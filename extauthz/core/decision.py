@@ -30,6 +30,9 @@ class Code(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUERY_TOKEN_REFUSED = "query_token_refused"  # noqa: S105 - a code, not a secret
     """Allowed only by removing a query parameter, which the HTTP transport cannot do: denied there."""
+    URI_TOO_LONG = "uri_too_long"
+    """The rules allow, but a response filter may apply and the request is too long to hand to the response
+    phase (:data:`~extauthz.core.handoff.MAX_ENCODED_BYTES`); never allowed without the hand-off."""
     INTERNAL_ERROR = "internal_error"
 
 
@@ -43,6 +46,7 @@ MESSAGES: Mapping[str, str] = {
     Code.BAD_REQUEST: "the request cannot be read unambiguously",
     Code.METHOD_NOT_ALLOWED: "this method is not allowed",
     Code.QUERY_TOKEN_REFUSED: "a token in the query string is not accepted here; send it in a header",
+    Code.URI_TOO_LONG: "the request URI is too long",
     Code.INTERNAL_ERROR: "authorization failed",
 }
 

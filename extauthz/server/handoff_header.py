@@ -10,32 +10,28 @@ paths or claim values hold, and nothing a header parser could split or fold.
 The gRPC Check writes the same string under the same name into its
 CheckResponse's dynamic metadata (cheaper to write and to read than a Struct of
 the fields), so the response phase has one form to read.
+
+The string itself is made in the decision core (:func:`extauthz.core.handoff.encode`),
+which must know its size before it allows: a Check's hand-off is encoded once,
+there, and both transports write that text.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
+from extauthz.core.handoff import decode, encode
 
 HANDOFF_HEADER = "x-extauthz-handoff"
 """The auth service's response header; Envoy turns it into a dynamic metadata string of the same name."""
 
 
 def encode_handoff(metadata: Mapping[str, Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(metadata, default=dict)).rstrip(b"=").decode("ascii")
+    """The string to write: the Check's own encoding when the decision carries one."""
+    return encode(metadata)
 
 
 def decode_handoff(value: object) -> dict[str, Any] | None:
     """The hand-off's fields, or None when the value is not one (callers fail closed)."""
-    if not isinstance(value, str):
-        return None
-    try:
-        raw = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
-        decoded = orjson.loads(raw)
-    except (binascii.Error, ValueError):
-        return None
-    return decoded if isinstance(decoded, dict) else None
+    return decode(value)

@@ -112,7 +112,9 @@ def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
     Both transports write it as one string under the hand-off header's name
     (:mod:`extauthz.server.handoff_header`): the gRPC Check into its dynamic
     metadata, the HTTP Check as a header Envoy copies there. Only the Check's
-    answer writes this namespace, so it cannot come from a client.
+    answer writes this namespace, so it cannot come from a client. A string no
+    Check of this version would write (malformed, over the bound, an older
+    format) is no hand-off: what a filter may apply to is then blocked.
     """
     namespaces = message.metadata_context.filter_metadata
     if METADATA_NAMESPACE not in namespaces:
