@@ -654,17 +654,30 @@ def test_timeouts_close_a_silent_connection_and_an_idle_one_gracefully(monkeypat
     raw_scenario(idle)
 
 
-def test_connections_past_the_cap_are_dropped_and_the_others_served(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_at_the_cap_idle_connections_make_room_for_one_that_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that hold the cap without asking anything cannot lock a client out: the newest is
+    admitted and the least recently active is closed, so the client's calls are served throughout."""
     from extauthz.server import grpc_lean
 
-    monkeypatch.setattr(grpc_lean, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(grpc_lean, "MAX_CONNECTIONS", 3)
     with serving({"/t.T/Size": size}) as running:
         assert running.unary("/t.T/Size")(b"abc", timeout=5) == b"3"
-        extra = [socket.create_connection(("127.0.0.1", running.server.port)) for _ in range(2)]
+        hoarders = [socket.create_connection(("127.0.0.1", running.server.port)) for _ in range(6)]
         try:
-            extra[1].settimeout(5)
-            assert extra[1].recv(100) == b""  # closed at once: the third connection
+            for sock in hoarders:
+                sock.sendall(http2.PREFACE + frame(http2.SETTINGS, 0, 0))
             assert running.unary("/t.T/Size")(b"abcd", timeout=5) == b"4"
+            assert len(running.server.connections) <= 3
+            closed = 0
+            for sock in hoarders:
+                sock.settimeout(5)
+                try:
+                    while sock.recv(65536):
+                        pass
+                    closed += 1
+                except (TimeoutError, ConnectionError):
+                    closed += 1
+            assert closed == len(hoarders)  # each was evicted in turn (the read ended, or it was reset)
         finally:
-            for sock in extra:
+            for sock in hoarders:
                 sock.close()

@@ -37,6 +37,7 @@ from extauthz.core.handoff import Handoff
 from extauthz.core.request import HttpRequest
 from extauthz.demo.idp import SigningKey
 from extauthz.demo.processes import ENVOY_DIR, SidecarProcess, free_port
+from extauthz.eager import in_task
 from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.observability.metrics import REGISTRY
 from extauthz.policy.loader import parse_policy
@@ -524,6 +525,336 @@ def test_stop_closes_idle_connections_and_lets_a_check_in_flight_finish() -> Non
         busy_writer.close()
 
     serve(scenario, lambda real: Slow(real.policy, real.verifier))
+
+
+# --- limits: what a peer that is not Envoy can make a connection cost ----------------------------
+
+READ_SIZE = 256 * 1024
+"""The most one read brings (asyncio's and uvloop's read buffers)."""
+SLOW = 30.0
+"""How long a test waits for what should take milliseconds before it fails rather than hangs."""
+
+
+def echoed(request: HttpRequest, pad: int = 0) -> Decision:
+    """An allow that names the request it answers (its x-request-id as the decision id), ``pad`` bytes larger."""
+    return Decision(True, 200, Code.ALLOWED, "echo", request.request_id,
+                    mutations=Mutations(set_headers=(("x-pad", "a" * pad),) if pad else ()))
+
+
+def echoing(gate: Callable[[HttpRequest], Awaitable[None]] | None = None,
+            pad: int = 0) -> Callable[[Authorizer], Authorizer]:
+    """An authorizer answering :func:`echoed` at once, after ``gate`` when one is given."""
+
+    class Echo(Authorizer):
+        async def check(self, request: HttpRequest, explain: bool = False) -> Decision:
+            if gate is not None:
+                await gate(request)
+            return echoed(request, pad)
+
+    return lambda real: Echo(real.policy, real.verifier)
+
+
+async def answers(reader: asyncio.StreamReader, count: int) -> list[str]:
+    """The decision ids of the next ``count`` answers."""
+    async def read() -> list[str]:
+        return [(await read_answer(reader)).headers["x-extauthz-decision-id"] for _ in range(count)]
+    return await asyncio.wait_for(read(), SLOW)
+
+
+async def closed(reader: asyncio.StreamReader, within: float = SLOW) -> bool:
+    """The server closed the connection (a FIN or a reset) without sending anything more."""
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def fill(writer: asyncio.StreamWriter) -> int:
+    """Pipeline 4 KB requests ``r-0``, ``r-1``... until the peer's send blocks: the server no longer reads.
+
+    Returns how many were written (some may still wait in the writer's buffer).
+    """
+    sent = 0
+    while True:
+        writer.write(b"".join(head(x_request_id=f"r-{sent + i}", x_pad="a" * 4000) for i in range(64)))
+        sent += 64
+        try:
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except TimeoutError:
+            return sent
+        assert sent < 16_000, "64 MB sent and the server still reads"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + SLOW
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        await asyncio.sleep(0.01)
+
+
+def test_a_thousand_pipelined_checks_in_one_write_are_answered_in_order() -> None:
+    """A check answered at once is followed by the next in a loop, not from inside its own answer: a few
+    hundred pipelined in one read would overflow the stack and drop the connection, all of them unanswered."""
+    count = 1000
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(head(x_request_id=f"r-{i}") for i in range(count)))
+        assert await answers(reader, count) == [f"r-{i}" for i in range(count)]
+        writer.write(head(x_request_id="after"))  # the connection is still in service
+        assert await answers(reader, 1) == ["after"]
+        writer.close()
+
+    serve(scenario, echoing())
+
+
+def test_checks_pipelined_behind_one_that_waits_stop_the_reading_and_are_all_answered() -> None:
+    """The peer's send blocks once the connection holds about one head's worth beyond one read; then every
+    request it sent is answered, in order, none lost."""
+    release = asyncio.Event()
+
+    async def gate(request: HttpRequest) -> None:
+        if request.request_id == "first":
+            await release.wait()
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head(x_request_id="first"))
+        sent = await fill(writer)
+        (connection,) = server.connections
+        assert not connection.reading
+        assert MAX_HEAD_BYTES < connection.buffered <= MAX_HEAD_BYTES + READ_SIZE
+        release.set()
+        assert await answers(reader, sent + 1) == ["first", *(f"r-{i}" for i in range(sent))]
+        writer.close()
+
+    serve(scenario, echoing(gate))
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read_either() -> None:
+    """Answers the peer leaves unread stop the answering, hence the reading: the connection holds a bounded
+    number of bytes both ways, and once the peer reads, every answer arrives, in order."""
+    pad = 4000
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent = await fill(writer)
+        (connection,) = server.connections
+        assert not connection.reading
+        # One head's worth and one read of requests; answers up to the transport's high-water mark and the last.
+        assert connection.buffered <= MAX_HEAD_BYTES + READ_SIZE + 64 * 1024 + 2 * pad
+        assert await answers(reader, sent) == [f"r-{i}" for i in range(sent)]
+        writer.close()
+
+    serve(scenario, echoing(pad=pad))
+
+
+def test_a_peer_that_never_reads_its_answers_is_dropped_after_the_idle_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its answers would wait in memory for ever, and it would hold one of the connections the cap allows."""
+    idle = 1.5  # longer than fill() takes to see the peer's send blocked
+    monkeypatch.setattr(http_authorization, "IDLE_TIMEOUT_SECONDS", idle)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await fill(writer)
+        stalled = time.monotonic()
+        await until(lambda: not server.connections)
+        assert time.monotonic() - stalled < idle + 2.0
+        writer.transport.abort()
+
+    serve(scenario, echoing(pad=4000))
+
+
+def test_a_check_pipelined_behind_one_that_waited_keeps_its_own_timeout() -> None:
+    """Run inside the task of the check before it, which ends as soon as it is answered, a check's timeout
+    (the relationship and key clients') would cancel that finished task and never fire."""
+
+    async def gate(request: HttpRequest) -> None:
+        await in_task()
+        async with asyncio.timeout(0.05):
+            await asyncio.sleep(0.01 if request.request_id == "first" else 3)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(head(x_request_id="first") + head(x_request_id="second"))
+        first, second = [await asyncio.wait_for(read_answer(reader), SLOW) for _ in range(2)]
+        assert time.monotonic() - started < 2
+        assert (first.status, second.status) == (200, 500) and second.json()["error"] == "internal_error"
+        writer.close()
+
+    serve(scenario, echoing(gate))
+
+
+def test_a_connection_closed_with_answers_its_peer_never_reads_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing waits for what is written to be sent; a peer that never reads would keep the connection for ever."""
+    idle, grace = 0.3, 0.5
+    monkeypatch.setattr(http_authorization, "IDLE_TIMEOUT_SECONDS", idle)
+    monkeypatch.setattr(http_authorization, "HEAD_TIMEOUT_SECONDS", grace)
+    checked: list[str] = []
+
+    async def gate(request: HttpRequest) -> None:
+        checked.append(request.request_id)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers soon wait in the server
+        sock.connect(("127.0.0.1", port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        await until(lambda: len(server.connections) == 1)
+        (connection,) = server.connections
+        sent: list[str] = []
+        while not connection.buffered:  # one 32 KB answer at a time, until the server holds some unsent
+            sent.append(f"r-{len(sent)}")
+            writer.write(head(x_request_id=sent[-1]))
+            await until(lambda: checked == sent)
+            await asyncio.sleep(0.01)
+            assert len(sent) < 1000, "the peer's kernel buffers never filled"
+        assert connection.reading  # answers are waiting, but fewer than the transport pauses for
+        quiet = time.monotonic()
+        await until(lambda: not server.connections)
+        assert idle + grace * 0.9 <= time.monotonic() - quiet < idle + grace + 2.0
+        writer.transport.abort()
+
+    serve(scenario, echoing(gate, pad=32_000))
+
+
+def test_a_connection_with_many_pipelined_checks_does_not_starve_another() -> None:
+    """Two connections with a pile each, ready at the same moment, take turns of a few checks each."""
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def gate(request: HttpRequest) -> None:
+        if request.request_id.endswith("gate"):
+            await release.wait()
+        order.append(request.request_id)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        piles = {name: [f"{name}-{i}" for i in range(200)] for name in "ab"}
+        streams = {name: await asyncio.open_connection("127.0.0.1", port) for name in piles}
+        pending = 0
+        for name, (_, writer) in streams.items():
+            pile = b"".join(head(x_request_id=rid) for rid in piles[name])
+            writer.write(head(x_request_id=f"{name}-gate") + pile)
+            pending += len(pile)
+        await until(lambda: sum(c.buffered for c in server.connections) == pending)
+        release.set()
+        for name, (reader, writer) in streams.items():
+            assert await answers(reader, 201) == [f"{name}-gate", *piles[name]]
+            writer.close()
+        served = [rid[0] for rid in order if not rid.endswith("gate")]
+        runs = [len(run.group()) for run in re.finditer(r"a+|b+", "".join(served))]
+        assert max(runs) <= http_authorization.MAX_ANSWERS_PER_TURN, runs
+
+    serve(scenario, echoing(gate))
+
+
+def test_a_connection_without_a_request_for_the_idle_limit_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silent from the start or after its last answer: closed after the limit. A connection in use is
+    never closed for it, nor one whose check takes longer than the limit."""
+    idle = 0.4
+    monkeypatch.setattr(http_authorization, "IDLE_TIMEOUT_SECONDS", idle)
+
+    async def gate(request: HttpRequest) -> None:
+        if request.request_id == "slow":
+            await asyncio.sleep(2 * idle)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def closed_at(reader: asyncio.StreamReader) -> float:
+            assert await closed(reader)
+            return loop.time()
+
+        opened = loop.time()
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+        silent = asyncio.create_task(closed_at(silent_reader))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(10):  # in use for 2.5 times the limit
+            writer.write(head(x_request_id=f"r-{i}"))
+            assert await answers(reader, 1) == [f"r-{i}"]
+            await asyncio.sleep(idle / 4)
+        writer.write(head(x_request_id="slow"))
+        assert await answers(reader, 1) == ["slow"]
+        answered = loop.time()
+        assert await closed(reader)
+        assert loop.time() - answered >= idle * 0.9
+        assert idle * 0.9 <= await silent - opened < idle + 1.0
+        writer.close()
+        silent_writer.close()
+
+    serve(scenario, echoing(gate))
+
+
+def test_a_head_trickling_in_is_refused_a_head_timeout_after_its_first_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte every 20 ms would finish the head in seconds; it is refused when the head's time is up,
+    however recently its last byte came."""
+    limit = 0.5
+    monkeypatch.setattr(http_authorization, "HEAD_TIMEOUT_SECONDS", limit)
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = head(authorization=f"Bearer {token(sub='u-1')}")
+        assert len(request) * 0.02 > 4 * limit
+
+        async def trickle() -> None:
+            for byte in request:
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.02)
+
+        started = time.monotonic()
+        trickling = asyncio.create_task(trickle())
+        answer = await asyncio.wait_for(read_answer(reader), SLOW)
+        took = time.monotonic() - started
+        assert not trickling.done()  # still sending when refused
+        trickling.cancel()
+        assert (answer.status, answer.json()["error"], answer.headers["connection"]) == (400, "bad_request", "close")
+        assert limit * 0.9 <= took < 3 * limit
+        assert await closed(reader)
+        writer.close()
+
+    serve(scenario)
+
+
+def test_at_the_cap_the_least_recently_active_connection_makes_room() -> None:
+    """As many connections as Envoy's circuit breaker lets a cluster open are held; past that, a new one is
+    still served and the one idle longest is closed, so whoever holds the cap can never lock Envoy out."""
+    import resource
+
+    cap = http_authorization.MAX_CONNECTIONS
+    assert cap == 1024  # Envoy's default max_connections for a cluster
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * cap + 256  # both ends of each connection are in this process
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+    async def scenario(server: HttpAuthorizationServer, port: int) -> None:
+        streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(cap)]
+        await until(lambda: len(server.connections) == cap)
+        for i in range(1, cap):  # every connection but the first has a request answered, in this order
+            reader, writer = streams[i]
+            writer.write(head(x_request_id=f"open-{i}"))
+            assert await answers(reader, 1) == [f"open-{i}"]
+        extra = []
+        for n in range(2):  # one after the other: a newcomer that has asked nothing yet is the next to go
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            extra.append((reader, writer))
+            writer.write(head(x_request_id=f"extra-{n}"))
+            assert await answers(reader, 1) == [f"extra-{n}"]  # a newcomer is served
+        assert len(server.connections) == cap
+        assert await closed(streams[0][0], within=2.0)  # idle since it opened: the first to go
+        assert await closed(streams[1][0], within=2.0)  # then the one answered longest ago
+        reader, writer = streams[cap - 1]
+        writer.write(head(x_request_id="still"))
+        assert await answers(reader, 1) == ["still"]
+        for _, writer in streams + extra:
+            writer.close()
+
+    try:
+        serve(scenario, echoing())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # --- the shipped Envoy config of this transport ----------------------------------------------

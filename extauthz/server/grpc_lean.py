@@ -173,8 +173,7 @@ class _Connection(Http2Connection):
         self._server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._server.admit(self, transport):
-            return
+        self._server.admit(self)
         super().connection_made(transport)
         if self._server.stopping:
             self.go_away()
@@ -192,7 +191,10 @@ class _Connection(Http2Connection):
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.transport.close()  # connection_lost resets what is left, which cancels its calls
+            self.transport.abort()  # connection_lost resets what is left, which cancels its calls
+
+    def evict(self) -> None:
+        self.calm_down()
 
     # --- streams in ---------------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ import hpack
 import hpack.table
 import structlog
 
+from extauthz.server.listener import close_after_error
+
 log = structlog.get_logger("extauthz.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -318,6 +320,8 @@ class Http2Connection(asyncio.Protocol):
         """GOAWAY sent: streams in progress finish, new ones are refused once the final GOAWAY is out."""
         self._final_goaway = False
         self._close_when_idle = False
+        self._lingering = False
+        self._answered_any = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -352,8 +356,14 @@ class Http2Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self.transport = None
 
+    @property
+    def last_active(self) -> float:
+        """When a stream last started or was answered; never (0) before the first stream: frames alone
+        (PINGs, SETTINGS) are not activity."""
+        return self._active if self._answered_any else 0.0
+
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self._lingering:
             return
         self._buffer += data
         self._process()
@@ -455,7 +465,7 @@ class Http2Connection(asyncio.Protocol):
         self._flush_unless_batching()
 
     def flush(self) -> None:
-        if self._out and self.transport is not None:
+        if self._out and self.transport is not None and not self._lingering:  # nothing after the last GOAWAY
             self.transport.write(b"".join(self._out))
         self._out.clear()
 
@@ -467,13 +477,20 @@ class Http2Connection(asyncio.Protocol):
         still served; the final GOAWAY once the PING comes back (or after a
         second).
         """
-        if self.going_away or self.transport is None:
+        if self.going_away or self.transport is None or self._lingering:
             return
         self.going_away = True
         self._out.append(frame(GOAWAY, 0, 0, _U32.pack(LAST_STREAM) + _U32.pack(NO_ERROR))
                          + frame(PING, 0, 0, _DRAIN_PING))
         self.flush()
         asyncio.get_running_loop().call_later(1.0, self._send_final_goaway)
+
+    def calm_down(self) -> None:
+        """End the connection now with GOAWAY ENHANCE_YOUR_CALM: its place is needed (the listener's cap)."""
+        if self.transport is None or self._lingering:
+            return
+        self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(ENHANCE_YOUR_CALM)))
+        self._end_after_goaway()
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -494,7 +511,6 @@ class Http2Connection(asyncio.Protocol):
             used, more = self._frames(buffer, start)
             if used:
                 del buffer[:used]
-                self._active = time.monotonic()
             if buffer or self._continuation is not None:
                 if not self._partial_since:
                     self._partial_since = time.monotonic()
@@ -665,6 +681,8 @@ class Http2Connection(asyncio.Protocol):
             self._out.append(frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
         stream = self.streams[stream_id] = Stream(stream_id, headers)
+        self._active = time.monotonic()
+        self._answered_any = True
         stream.remote_closed = end
         self.stream_started(stream)
         stream.headers = []
@@ -843,6 +861,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _closed_locally(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        self._active = time.monotonic()
         self._forget(stream)
         if not stream.remote_closed:
             # The answer is complete; the peer need not send the rest of its request (RFC 9113, 8.1).
@@ -874,10 +893,7 @@ class Http2Connection(asyncio.Protocol):
         log.warning("http2_connection_error", code=error.code, reason=str(error),
                     hint="the peer is not speaking HTTP/2 as Envoy's gRPC client does; the connection was closed")
         self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(error.code)))
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-        self._buffer = bytearray()
+        self._end_after_goaway()
 
     # --- pausing and time ---------------------------------------------------------------------------
 
@@ -916,7 +932,23 @@ class Http2Connection(asyncio.Protocol):
     def _timed_out(self, reason: str) -> None:
         log.warning("http2_connection_timeout", reason=reason, hint="the connection was closed")
         self._out.append(frame(GOAWAY, 0, 0, _U32.pack(self._last_stream) + _U32.pack(NO_ERROR)))
-        self._close_after_flush()
+        self._end_after_goaway()
+
+    def _end_after_goaway(self) -> None:
+        """Nothing more is read or answered; the GOAWAY reaches the peer even if it is still sending."""
+        self.flush()
+        self._lingering = True
+        self._buffer = bytearray()
+        if self._continue is not None:
+            self._continue.cancel()
+            self._continue = None
+        self._paused = 0
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():  # nothing more can be answered: calls in progress are cancelled
+            self._forget(stream)
+            self.stream_reset(stream)
+        if self.transport is not None:
+            close_after_error(self.transport)
 
 
 class _Bucket:

@@ -70,7 +70,7 @@ from extauthz.server.http1 import (
     response,
     safe_fields,
 )
-from extauthz.server.listener import Listener
+from extauthz.server.listener import Listener, close_after_error
 from extauthz.server.validation import parse_http_address
 
 log = structlog.get_logger("extauthz.http_authz")
@@ -83,9 +83,15 @@ REMOVE_HEADERS = "x-envoy-auth-headers-to-remove"
 """Envoy's HTTP client reads the request headers to remove on allow from this answer header."""
 
 MAX_CONNECTIONS = 1024
-"""Envoy's default circuit breaker lets a cluster open 1,024 connections; each holds at most one head."""
+"""Envoy's default circuit breaker lets a cluster open 1,024 connections; what each may hold is bounded below."""
 HEAD_TIMEOUT_SECONDS = 10.0
-"""How long a started but incomplete request head may take before the connection is refused."""
+"""How long a request head may take from its first byte to its last (however it trickles in), and how long a
+closing connection's peer gets to read the last answer; Envoy writes a head at once and reads at once."""
+IDLE_TIMEOUT_SECONDS = 300.0
+"""A connection on which no request starts for this long, none in progress, is closed (docs/transports.md:
+Envoy reconnects; the limit is minutes so that closing races with Envoy reusing the connection only rarely)."""
+MAX_ANSWERS_PER_TURN = 16
+"""Pipelined checks answered at once before the loop runs others: one connection's pile never starves the rest."""
 
 # Headers Envoy's HTTP client writes for its own hop (the gRPC CheckRequest has none of them).
 _HOP_HEADERS = ("host", "content-length", "connection", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms")
@@ -244,7 +250,17 @@ class HttpAuthorizationServer(Listener["_CheckConnection"]):
 
 
 class _CheckConnection(asyncio.Protocol):
-    """One connection from Envoy: one check at a time, in order (pipelined requests wait their turn)."""
+    """One connection from Envoy: one check at a time, in order (pipelined requests wait their turn).
+
+    Envoy never pipelines, but nothing a peer sends may cost unbounded memory,
+    stack or time: pipelined heads wait as bytes in the buffer, which is read
+    only while it holds less than one head's worth (:data:`MAX_HEAD_BYTES`), so
+    it never holds much more than that plus one read; they are answered in a
+    loop, :data:`MAX_ANSWERS_PER_TURN` per turn of the event loop; and answers
+    the peer does not read stop the answering (and so the reading) until it does.
+    One timer per connection keeps its time limits: it is re-armed when it fires,
+    from timestamps, so a request costs no timer call.
+    """
 
     def __init__(self, server: HttpAuthorizationServer) -> None:
         self._server = server
@@ -254,59 +270,142 @@ class _CheckConnection(asyncio.Protocol):
         self._scanned = 0
         """How much of the buffer holds no head end, so a head arriving in pieces is searched once."""
         self.busy = False
-        self._paused = False
+        self._reading = True
+        self._writable = True
+        """False while the peer leaves answers unread (the transport's buffer is over its high-water mark)."""
+        self._turn: asyncio.Handle | None = None
+        """The next batch of pipelined checks, waiting for the loop's next turn."""
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        """When the timer fires (``time.perf_counter``, the clock of the timestamps below)."""
+        self._active = 0.0
+        """When the last request started, or a check that waited was answered."""
+        self._head_since: float | None = None
+        """When the incomplete head now at the front of the buffer was first seen."""
+        self._closing_since: float | None = None
+        self._served = False
+        self._lingering = False
+        """Refused: the answer is out and the write side closed; nothing more is read as a request."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this connection holds: requests received and not yet answered, answers not yet sent."""
+        written = self._transport.get_write_buffer_size() if self._transport is not None else 0
+        return len(self._buffer) + written
+
+    @property
+    def reading(self) -> bool:
+        """Whether the connection takes more bytes from the peer now."""
+        return self._reading
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server.admit(self)
         self._transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's too)
-        if not self._server.admit(self, transport):
-            self._transport = None
+        self._active = time.perf_counter()
+        self._arm(IDLE_TIMEOUT_SECONDS)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        self._disarm()
+        if self._task is not None:  # nobody is left to answer: the check still waiting is cancelled
+            self._task.cancel()
+            self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
         self._buffer, self._scanned = b"", 0
 
+    @property
+    def last_active(self) -> float:
+        """When a request last started here; never (0) before the first check request."""
+        return self._active if self._served else 0.0
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused: what still comes is read and dropped until the close
         if not self._buffer:
             self._buffer = data  # the common case: a whole head in one read, used without a copy
         else:
             if isinstance(self._buffer, bytes):
                 self._buffer = bytearray(self._buffer)
             self._buffer += data
-        if not self.busy:
-            self._next()
-        elif len(self._buffer) > MAX_HEAD_BYTES and not self._paused and self._transport is not None:
-            self._paused = True  # a pipelining peer waits for the answer before sending more
-            self._transport.pause_reading()
+        if not self.busy and self._turn is None and self._writable:
+            self._serve()
+        elif len(self._buffer) > MAX_HEAD_BYTES:
+            self._pause_reading()  # a pipelining peer waits for answers before it sends more
 
-    def _next(self) -> None:
-        """Start on the next complete head in the buffer, if there is one."""
-        buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n", self._scanned)
-        if end < 0:
-            self._scanned = max(0, len(buffer) - 3)
-            if len(buffer) > MAX_HEAD_BYTES:
-                self._refuse(f"request head over {MAX_HEAD_BYTES} bytes")
-            elif buffer and self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(
-                    HEAD_TIMEOUT_SECONDS, self._refuse, f"incomplete request head after {HEAD_TIMEOUT_SECONDS:g} s")
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        if not self.busy and self._turn is None and self._buffer:
+            # Next turn: a transport may call this from inside a write, and serving never nests.
+            self._turn = asyncio.get_running_loop().call_soon(self._serve)
+
+    def _serve(self) -> None:
+        """Answer the complete heads in the buffer in order, as many as one turn of the loop may take.
+
+        A loop, not a recursion: a check answered at once is followed by the
+        next one here, however many are pipelined. One that waits becomes a task,
+        and the heads behind it are served from the loop once it is answered.
+        """
+        self._turn = None
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.busy or not self._writable:
             return
-        self._disarm()
-        started = time.perf_counter()
-        self._buffer, self._scanned = bytes(buffer[end + 4:]), 0
-        try:
-            head = parse_head(bytes(buffer[:end]))
-        except HeadError as exc:
-            self._refuse(str(exc), started)
-            return
-        self.busy = True
-        # Run the check at once: with a cached token and no relationship lookup it never waits, and then
-        # answering here saves a task and a turn of the loop per check. Only a check that waits becomes a task.
-        task = run_eagerly(self._answer(head, started))
-        if task is not None:  # one that finished at once may have started the next pipelined check's task
-            self._task = task
+        buffer, start, scanned = self._buffer, 0, self._scanned
+        complete = True  # the buffer holds nothing but whole heads (none at all, at first)
+        for _ in range(MAX_ANSWERS_PER_TURN):
+            end = buffer.find(b"\r\n\r\n", scanned)
+            if end < 0:
+                complete = start == len(buffer)
+                scanned = max(start, len(buffer) - 3)
+                break
+            raw, start = bytes(buffer[start:end]), end + 4
+            scanned = start
+            self._active = started = time.perf_counter()
+            try:
+                head = parse_head(raw)
+            except HeadError as exc:
+                self._refuse(str(exc), started)
+                return
+            self.busy = self._served = True
+            # Run the check at once: with a cached token and no relationship lookup it never waits, and then
+            # answering here saves a task and a turn of the loop per check. Only a check that waits becomes a task.
+            task = run_eagerly(self._answer(head, started))
+            if task is not None:
+                self._task = task
+                break
+            if start == len(buffer):  # the common case: one head, answered
+                break
+            if transport.is_closing():  # the answer said it was the last
+                return
+            if not self._writable:  # resume_writing() serves the rest
+                break
+        else:
+            if start < len(buffer):
+                self._turn = asyncio.get_running_loop().call_soon(self._serve)
+        if start:
+            buffer = buffer[start:]
+            self._buffer = buffer
+        self._scanned = scanned - start
+        if complete:
+            self._head_since = None
+        elif self._head_since is None:
+            self._head_since = now = time.perf_counter()
+            self._fire_by(now + HEAD_TIMEOUT_SECONDS)
+        if len(buffer) <= MAX_HEAD_BYTES:
+            if not self._reading and not transport.is_closing():
+                self._reading = True
+                transport.resume_reading()
+        elif complete or self.busy or self._turn is not None or not self._writable:
+            self._pause_reading()
+        else:
+            self._refuse(f"request head over {MAX_HEAD_BYTES} bytes")
 
     async def _answer(self, head: RequestHead, started: float) -> None:
         try:
@@ -316,23 +415,22 @@ class _CheckConnection(asyncio.Protocol):
                 self._transport.abort()
             raise
         self.busy = False
-        self._task = None
+        waited, self._task = self._task is not None, None
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(payload)
         if close or self._server.stopping:
-            transport.close()
-            return
-        if self._paused:
-            self._paused = False
-            transport.resume_reading()
-        if self._buffer:
-            self._next()
+            self._close()
+        elif waited:
+            self._active = time.perf_counter()
+            if self._buffer:
+                # From the loop, not from this task: the next check runs at once outside any task, as
+                # every other does (run inside this ending task, it would take it for its own: eager.py).
+                self._turn = asyncio.get_running_loop().call_soon(self._serve)
 
     def _refuse(self, reason: str, started: float | None = None) -> None:
         """A 400 denial for what is not a check request, then close: nothing after it is read."""
-        self._timer = None
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -344,17 +442,72 @@ class _CheckConnection(asyncio.Protocol):
             payload = _REFUSED
         self._buffer, self._scanned = b"", 0
         transport.write(payload)
-        transport.close()
+        self._lingering = True
+        close_after_error(transport)
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _close(self) -> None:
+        """Close after what is written is sent; a peer that does not read it is dropped after a while."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        self._closing_since = now = time.perf_counter()
+        self._fire_by(now + HEAD_TIMEOUT_SECONDS)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def _arm(self, delay: float) -> None:
+        self._due = time.perf_counter() + delay
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _fire_by(self, when: float) -> None:
+        """Make the timer fire no later than ``when`` (it only moves earlier: later limits are kept on firing)."""
+        if self._timer is None or self._due > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(max(0.0, when - time.perf_counter()))
+
+    def _on_timer(self) -> None:
+        """Enforce whichever limit applies now, or wait for the nearest one."""
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        now = time.perf_counter()
+        if transport.is_closing():
+            since = now if self._closing_since is None else self._closing_since
+            if now - since >= HEAD_TIMEOUT_SECONDS:
+                transport.abort()  # the peer never read its last answer
+            else:
+                self._arm(since + HEAD_TIMEOUT_SECONDS - now)
+        elif self._head_since is not None:
+            left = self._head_since + HEAD_TIMEOUT_SECONDS - now
+            if left <= 0:
+                self._refuse(f"incomplete request head after {HEAD_TIMEOUT_SECONDS:g} s")
+            else:
+                self._arm(left)
+        elif self.busy or self._turn is not None:
+            self._arm(IDLE_TIMEOUT_SECONDS)
+        elif now - self._active >= IDLE_TIMEOUT_SECONDS:
+            log.debug("http_connection_idle", seconds=IDLE_TIMEOUT_SECONDS)
+            if self._writable:
+                self._close()
+            else:
+                transport.abort()  # the peer has not read its answers for all that time
+        else:
+            self._arm(self._active + IDLE_TIMEOUT_SECONDS - now)
 
     def quiesce(self) -> None:
         """HTTP/1.1 cannot say "no more" ahead of an answer: an idle connection closes, a busy one after its answer."""
-        if not self.busy and self._transport is not None:
-            self._transport.close()
+        if not self.busy:
+            self._close()
+
+    def evict(self) -> None:
+        """Its place is needed (the listener's cap): HTTP/1.1 has no word for it, the connection just ends."""
+        self.abort()
 
     def abort(self) -> None:
         """Past the shutdown grace: drop the connection and the check still running on it."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 
@@ -19,16 +19,60 @@ from extauthz.server.validation import ListenAddress
 log = structlog.get_logger("extauthz.listener")
 
 
+LINGER_SECONDS = 2.0
+"""How long a connection closed after an error answer still reads (and drops) what its peer sends."""
+MAX_LINGERING = 64
+"""Connections lingering at once; past it a connection closes at once: a peer reconnecting in a loop to be
+evicted or refused must not make the sidecar hold file descriptors for everyone's lingering."""
+
+_lingering: set[asyncio.Transport] = set()
+
+
+def close_after_error(transport: asyncio.Transport) -> None:
+    """Close a connection whose peer may still be sending, without losing the error answer just written.
+
+    Closing a socket with bytes unread makes the kernel send a reset, and a
+    reset can destroy the answer (a GOAWAY, a 400) before the peer reads it.
+    So, as nginx's lingering close: the write side is closed once the answer is
+    out, what still arrives is read and dropped by the caller (it stops
+    handling input), and the connection closes when the peer does or after
+    :data:`LINGER_SECONDS`; at most :data:`MAX_LINGERING` at a time.
+    """
+    if transport.is_closing():
+        return
+    for done in [t for t in _lingering if t.is_closing()]:
+        _lingering.discard(done)
+    if not transport.can_write_eof() or len(_lingering) >= MAX_LINGERING:
+        transport.close()
+        return
+    _lingering.add(transport)
+    transport.write_eof()
+    transport.resume_reading()
+
+    def end() -> None:
+        _lingering.discard(transport)
+        transport.abort()
+
+    asyncio.get_running_loop().call_later(LINGER_SECONDS, end)
+
+
 class Connection(Protocol):
     @property
     def busy(self) -> bool:
         """A request is in progress on it."""
+
+    @property
+    def last_active(self) -> float:
+        """When it last received a request or a frame (its protocol's clock): the least recent makes room."""
 
     def quiesce(self) -> None:
         """Take no new request; what is in progress finishes."""
 
     def abort(self) -> None:
         """Past the grace period: drop the connection and what still runs on it."""
+
+    def evict(self) -> None:
+        """Drop it now to make room for a new connection, saying so if its protocol can."""
 
 
 C = TypeVar("C", bound=Connection)
@@ -49,25 +93,34 @@ class Listener(Generic[C]):
         self.stopping = False
         """Set by :meth:`stop`: a connection made or a request answered from then on says it is the last."""
         self._server: asyncio.Server | None = None
+        self._evicted = 0
+        self._evicted_logged = -10.0
 
     def connection(self) -> asyncio.Protocol:
         """A new connection's protocol; it adds itself to :attr:`connections` once made."""
         raise NotImplementedError
 
-    def admit(self, connection: C, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection in, or drop it at once when the listener holds :attr:`max_connections`.
+    def admit(self, connection: C) -> None:
+        """Count a new connection in; at :attr:`max_connections`, the least recently active one makes room.
 
-        Envoy opens a handful of connections to a sidecar; a peer that opens more
-        is not Envoy, and refusing it costs nothing that serves Envoy.
+        Refusing the new connection instead would let any process in the pod
+        that holds the cap lock Envoy out. Evicting the connection that was
+        idle longest (one with a request in progress only if all have one)
+        always lets Envoy in: its connections carry requests all the time, a
+        hoarder's sit idle or spin on frames that do not count as activity.
         """
         if len(self.connections) >= self.max_connections:
-            cast(asyncio.Transport, transport).abort()  # a stream transport (uvloop's is not a subclass)
-            log.warning("connection_refused", address=self.address, open=len(self.connections),
-                        hint=f"at most {self.max_connections} connections; something other than Envoy "
-                             "is connecting to the sidecar")
-            return False
+            victim = min(self.connections, key=lambda c: (c.busy, c.last_active))
+            self.connections.discard(victim)
+            victim.evict()
+            self._evicted += 1
+            now = time.monotonic()
+            if now - self._evicted_logged >= 10.0:  # a peer reconnecting in a loop must not flood the log
+                log.warning("connections_evicted", address=self.address, open=len(self.connections) + 1,
+                            evicted=self._evicted, hint=f"at most {self.max_connections} connections: the "
+                            "least recently active ones were closed; something other than Envoy is connecting")
+                self._evicted, self._evicted_logged = 0, now
         self.connections.add(connection)
-        return True
 
     async def start(self) -> None:
         self._server, self.port = await self._listen.serve(self.connection, self._reuse_port)
