@@ -10,16 +10,20 @@ The variant name defaults to the test's parametrize id. At the end of the sessio
 the table (one line per class) is printed, and written as JSON to the path in
 ``$EXTAUTHZ_SECURITY_RESULTS`` if set. ``test_zz_doc_table.py`` runs last and fails
 when the whole suite ran and docs/SECURITY.md shows other results.
+
+The transport suite (``test_transport_*.py``) records with ``transport_record`` instead:
+one row per attack variant and server, for docs/SECURITY.md's second table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.security import results
+from tests.e2e.security.transport_harness import Sidecars
 
 HERE = Path(__file__).resolve().parent
 LAST = results.LAST_FILE
@@ -47,3 +51,35 @@ def record(request: pytest.FixtureRequest) -> Callable[..., None]:
                                 saw, node.nodeid))
 
     return _record
+
+
+@pytest.fixture
+def transport_record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Record one transport row: ``held`` or the bounds missed, how the connection ended, the expectation."""
+    node = request.node
+
+    def _record(cls: str, variant: str, server: str, saw: str, ended: str, expected: str, facts: str = "",
+                wrongly_allowed: int | bool = 0) -> None:
+        results.add(results.Row(cls, variant, int(bool(wrongly_allowed)), 0, saw, node.nodeid, server=server,
+                                ended=ended, expected=expected, facts=facts))
+
+    return _record
+
+
+@pytest.fixture(scope="session")
+def transport_sidecars(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecars]:
+    """The transport suite's sidecars (one per gRPC server, started on first use, replaced when an attack
+    left one grown or dead), one IdP and one PDP that never answers; all stopped at the end."""
+    running = Sidecars(tmp_path_factory.mktemp("transport"))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The transport table beside the request table that tests/conftest.py prints."""
+    rows = results.transport_rows(list(results.ROWS.values()))
+    if rows:
+        terminalreporter.section("adversarial transport suite: results per attack and server")
+        terminalreporter.write_line(results.transport_table(rows))

@@ -15,6 +15,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 SECURITY_DOC = REPO / "docs" / "SECURITY.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+TRANSPORT_BEGIN, TRANSPORT_END = "<!-- transport-results:begin -->", "<!-- transport-results:end -->"
+"""The second table: the transport suite (test_transport_*.py), one line per (variant, server)."""
+SERVER_ORDER = {"lean": 0, "grpcio": 1, "http": 2}
 LAST_FILE = "test_zz_doc_table.py"
 """The doc-table check, run after the rest of the suite."""
 RESULTS_ENV = "EXTAUTHZ_SECURITY_RESULTS"
@@ -33,8 +36,17 @@ class Row:
     leaked: int
     """1 if the client received something a filter removes, or a 5xx for a token."""
     saw: str
-    """What the caller saw, e.g. ``403``, ``200 filtered``, ``502 blocked``."""
+    """What the caller saw, e.g. ``403``, ``200 filtered``, ``502 blocked``; for a transport row, ``held`` or
+    ``not held: <the bounds missed>``."""
     test: str = ""
+    server: str = ""
+    """Set only on the transport suite's rows (``lean``, ``grpcio``, ``http``): they make the second table."""
+    ended: str = ""
+    """Transport rows: how the attacker's connection ended (``GOAWAY PROTOCOL_ERROR``, ``stayed open``...)."""
+    expected: str = ""
+    """Transport rows: ``held``, or ``fails: <why>`` for an expected failure."""
+    facts: str = ""
+    """Transport rows: stable observations (``128 of 400 admitted``)."""
 
 
 ROWS: dict[str, Row] = {}
@@ -52,9 +64,17 @@ def _order(cls: str) -> tuple[int, str]:
     return (int(number.group(1)) if number else 1_000, cls)
 
 
+def request_rows(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if not r.server]
+
+
+def transport_rows(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.server]
+
+
 def summary(rows: list[Row]) -> list[dict[str, Any]]:
     by_class: dict[str, list[Row]] = {}
-    for row in rows:
+    for row in request_rows(rows):
         by_class.setdefault(row.cls, []).append(row)
     out = []
     for cls in sorted(by_class, key=_order):
@@ -70,7 +90,7 @@ def summary(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def as_json(rows: list[Row]) -> dict[str, Any]:
-    ordered = sorted(rows, key=lambda r: (_order(r.cls), r.variant))
+    ordered = sorted(rows, key=lambda r: (_order(r.cls), r.variant, SERVER_ORDER.get(r.server, 9)))
     return {"classes": summary(rows), "variants": [asdict(r) for r in ordered]}
 
 
@@ -80,6 +100,7 @@ def _saw(counts: dict[str, int]) -> str:
 
 def table(rows: list[Row]) -> str:
     """The Markdown table (and the variants that let something through, if any)."""
+    rows = request_rows(rows)
     lines = [
         "| Class | Variants tried | Wrongly allowed | Leaked | What the caller saw |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -98,29 +119,62 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def doc_table(text: str) -> str | None:
-    """The generated part of docs/SECURITY.md, or None without the markers."""
-    start, end = text.find(BEGIN), text.find(END)
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|") or "-"
+
+
+def transport_table(rows: list[Row]) -> str:
+    """The transport suite's table: per attack variant and server, whether every bound held.
+
+    Only what every run must agree on, since a full run fails when the doc differs:
+    held or not, and what the suite expects of that server. Which bound was missed,
+    how the attacker's connection ended and the figures vary with timing (a GOAWAY
+    raced by a close, a probe that met a full queue) and are printed by each test.
+    """
+    lines = [
+        "| Class | Variant | Server | Result | Expected |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    ordered = sorted(transport_rows(rows), key=lambda r: (_order(r.cls), r.variant, SERVER_ORDER.get(r.server, 9)))
+    for r in ordered:
+        result = "held" if r.saw == "held" else "not held"
+        lines.append(f"| {r.cls} | {_cell(r.variant)} | {r.server} | {result} | {_cell(r.expected)} |")
+    held = sum(r.saw == "held" for r in ordered)
+    lines.append(f"| **Total** | {len(ordered)} | | {held} held | |")
+    return "\n".join(lines)
+
+
+def doc_table(text: str, begin: str = BEGIN, end_marker: str = END) -> str | None:
+    """The generated part of docs/SECURITY.md between the markers, or None without them."""
+    start, end = text.find(begin), text.find(end_marker)
     if start < 0 or end < start:
         return None
-    return text[start + len(BEGIN):end].strip()
+    return text[start + len(begin):end].strip()
 
 
 def stale(rows: list[Row]) -> str | None:
     """Why docs/SECURITY.md does not show these results, or None when it does."""
-    rendered = table(rows)
-    documented = doc_table(SECURITY_DOC.read_text())
-    if documented is None:
-        return f"{SECURITY_DOC} lacks the {BEGIN} / {END} markers"
-    if documented != rendered:
-        return ("docs/SECURITY.md shows other results than this run; regenerate it with "
-                "`python -m tests.e2e.security.report`.\n--- this run ---\n" + rendered + "\n--- documented ---\n"
-                + documented)
+    text = SECURITY_DOC.read_text()
+    for begin, end, rendered in ((BEGIN, END, table(rows)),
+                                 (TRANSPORT_BEGIN, TRANSPORT_END, transport_table(rows))):
+        documented = doc_table(text, begin, end)
+        if documented is None:
+            return f"{SECURITY_DOC} lacks the {begin} / {end} markers"
+        if documented != rendered:
+            return ("docs/SECURITY.md shows other results than this run; regenerate it with "
+                    "`python -m tests.e2e.security.report`.\n--- this run ---\n" + rendered
+                    + "\n--- documented ---\n" + documented)
     return None
 
 
-def with_table(text: str, rendered: str) -> str:
-    start, end = text.find(BEGIN), text.find(END)
+def with_table(text: str, rendered: str, begin: str = BEGIN, end_marker: str = END) -> str:
+    start, end = text.find(begin), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{SECURITY_DOC} has no {BEGIN} ... {END} markers")
-    return text[:start + len(BEGIN)] + "\n" + rendered + "\n" + text[end:]
+        raise ValueError(f"{SECURITY_DOC} has no {begin} ... {end_marker} markers")
+    return text[:start + len(begin)] + "\n" + rendered + "\n" + text[end:]
+
+
+def with_tables(text: str, rows: list[Row]) -> str:
+    """Both generated tables of docs/SECURITY.md replaced by these results."""
+    text = with_table(text, table(rows))
+    return with_table(text, transport_table(rows), TRANSPORT_BEGIN, TRANSPORT_END)

@@ -1,7 +1,9 @@
-"""The table in docs/SECURITY.md is this suite's last full run: it cannot drift from the tests.
+"""The tables in docs/SECURITY.md are this suite's last full run: they cannot drift from the tests.
 
-Runs after every other test of the session (see conftest.py) and only when the
-whole suite ran; ``python -m tests.e2e.security.report`` regenerates the table. Under
+Both the request table and the transport table ("The transport under attack") are
+compared. Runs after every other test of the session (see conftest.py) and only when
+the whole suite ran; ``python -m tests.e2e.security.report`` regenerates the tables
+(``--transport``: the transport table alone, from the transport files alone). Under
 pytest-xdist the workers hand their rows to the controller, which compares the
 table at the end of the session and fails it when the doc is stale.
 """
@@ -39,8 +41,10 @@ def test_docs_security_table_matches_this_run(request: pytest.FixtureRequest) ->
     if hasattr(request.config, "workerinput"):
         # Under pytest-xdist no worker holds every row: the controller compares the table at the
         # end of the session (tests/conftest.py). Here: the doc still has a table to compare.
-        documented = results.doc_table(results.SECURITY_DOC.read_text())
-        assert documented is not None and "| **Total** |" in documented
+        text = results.SECURITY_DOC.read_text()
+        for begin, end in ((results.BEGIN, results.END), (results.TRANSPORT_BEGIN, results.TRANSPORT_END)):
+            documented = results.doc_table(text, begin, end)
+            assert documented is not None and "| **Total** |" in documented
         return
     why = _whole_suite(request.session, request.config)
     if why is not None:
