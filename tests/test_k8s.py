@@ -311,16 +311,6 @@ def test_envoy_is_in_the_group_of_the_socket_extauthz_creates(build: str) -> Non
 
 
 @pytest.mark.parametrize("build", BUILDS)
-def test_the_sidecar_on_a_unix_socket_runs_one_process(build: str) -> None:
-    """Workers share a TCP port; on a socket `serve` refuses them, so the pod must never ask for more than one."""
-    docs = objects(build)
-    c = container(docs, "extauthz")
-    (workers,) = [v for v in c.get("env", []) if v["name"] == "EXTAUTHZ_WORKERS"]
-    assert workers == {"name": "EXTAUTHZ_WORKERS", "value": "1"}, "not from the CPU limit: an overlay may raise it"
-    assert "--workers" not in c["args"]
-
-
-@pytest.mark.parametrize("build", BUILDS)
 def test_envoy_probes_hit_the_health_listener_not_admin(build: str, tmp_path: Path) -> None:
     docs = objects(build)
     envoy = envoy_config(docs, tmp_path)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -187,11 +189,12 @@ def test_auto_pinned_to_one_cpu_runs_one_process(tmp_path: Path) -> None:
 # --- before any worker starts ---------------------------------------------------------
 
 
-def run_serve(tmp_path: Path, policy: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_serve(tmp_path: Path, policy: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     (tmp_path / "policy.yaml").write_text(policy)
     return subprocess.run(
         [sys.executable, "-m", "extauthz", "serve", "--config", str(tmp_path / "policy.yaml"), *args],
-        check=False, capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60, env=env,
     )
 
 
@@ -227,11 +230,47 @@ def test_a_second_sidecar_cannot_join_the_workers_port(tmp_path: Path) -> None:
             assert "address already in use" in done.stderr
 
 
-def test_a_unix_socket_is_for_one_process(tmp_path: Path) -> None:
-    done = run_serve(tmp_path, STATIC_POLICY, "--workers", "2",
-                     "--grpc-address", f"unix:{tmp_path}/extauthz.sock")
+def test_workers_share_one_unix_socket_that_the_supervisor_binds(tmp_path: Path) -> None:
+    """Envoy's socket in a pod volume serves as many workers as a TCP port: the supervisor binds it once
+    (mode 0660, as a single process does) and every worker accepts on it."""
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from extauthz.server.authorization import CHECK_PATH
+
+    path = Path(tempfile.mkdtemp(prefix="xz")) / "grpc.sock"  # a Unix socket path has at most 107 bytes
+    try:
+        with sidecar(tmp_path, "--workers", "2", "--grpc-address", f"unix:{path}") as running:
+            wait_until(lambda: running.get("/readyz")[0] == 200, "both workers ready")
+            assert path.stat().st_mode & 0o777 == 0o660
+            check = external_auth_pb2.CheckRequest()
+            check.attributes.request.http.path = "/v1/orders"
+            check.attributes.request.http.method = "GET"
+            for _ in range(40):  # a connection each: the kernel hands them to whichever worker accepts first
+                with grpc.insecure_channel(f"unix:{path}") as channel:
+                    answer = external_auth_pb2.CheckResponse.FromString(
+                        channel.unary_unary(CHECK_PATH)(check.SerializeToString(), timeout=5))
+                    assert answer.status.code == 16  # no token: UNAUTHENTICATED, from either worker
+            wait_until(lambda: {e.get("worker") for e in running.logs() if e.get("event") == "decision"} == {0, 1},
+                       "decisions from both workers")
+            victim = running.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)  # a replaced worker serves on the same socket
+            wait_until(lambda: running.get("/readyz")[0] == 200 and victim not in running.worker_pids(),
+                       "the replacement to be ready")
+            with grpc.insecure_channel(f"unix:{path}") as channel:
+                answer = external_auth_pb2.CheckResponse.FromString(
+                    channel.unary_unary(CHECK_PATH)(check.SerializeToString(), timeout=5))
+            assert answer.status.code == 16
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_workers_on_a_unix_socket_need_the_own_grpc_server(tmp_path: Path) -> None:
+    """grpc.aio binds its own sockets and cannot serve one the supervisor bound: a clear error, not a guess."""
+    env = {**os.environ, "EXTAUTHZ_GRPC_SERVER": "grpcio"}
+    done = run_serve(tmp_path, STATIC_POLICY, "--workers", "2", "--grpc-address", f"unix:{tmp_path}/x.sock", env=env)
     assert done.returncode == Exit.ADDRESS
-    assert "workers share a TCP port" in done.stderr and "worker_started" not in done.stdout + done.stderr
+    assert "one process" in done.stderr and "worker_started" not in done.stdout + done.stderr
 
 
 # --- running -------------------------------------------------------------------------
@@ -310,15 +349,15 @@ def test_workers_leave_when_the_supervisor_is_killed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("build", ["base", "overlays/example", "overlays/quickstart"])
-def test_the_pod_runs_as_many_workers_as_its_sidecar_limit_has_cpus_and_one_on_a_socket(build: str) -> None:
+def test_the_pod_runs_one_worker_per_cpu_of_the_sidecar_limit(build: str) -> None:
     docs = objects(build)
     sidecar_container = container(docs, "extauthz")
     env = container_env(pod_spec(docs), sidecar_container, node_cpus=64)
     assert "--workers" not in sidecar_container["args"]  # the image's CMD, as `docker run` runs it
     workers = int(env["EXTAUTHZ_WORKERS"])
     limit = quantity(sidecar_container["resources"]["limits"]["cpu"])
-    assert workers == max(1, math.ceil(limit))  # never more than its own limit, never the node's 64 cores
-    assert workers == 1  # one process owns Envoy's Unix socket (docs/kubernetes.md, "The gRPC socket")
+    assert workers == max(1, math.ceil(limit))  # from its own limit, never the node's 64 cores
+    assert build != "overlays/example" or workers == 2  # the example raises the limit, and the workers with it
 
 
 @pytest.mark.parametrize("build", ["base", "overlays/example", "overlays/quickstart"])

@@ -400,7 +400,8 @@ class Http2Connection(asyncio.Protocol):
         credit = size - kept
         if stream.id in self.streams and not stream.remote_closed:
             stream.unacknowledged += credit
-            if stream.unacknowledged >= STREAM_WINDOW // 2 or stream.recv_window < STREAM_WINDOW // 2:
+            if stream.unacknowledged and (stream.unacknowledged >= STREAM_WINDOW // 2
+                                          or stream.recv_window < STREAM_WINDOW // 2):
                 self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.unacknowledged)))
                 stream.recv_window += stream.unacknowledged
                 stream.unacknowledged = 0
@@ -512,7 +513,7 @@ class Http2Connection(asyncio.Protocol):
             if used:
                 del buffer[:used]
             if buffer or self._continuation is not None:
-                if not self._partial_since:
+                if used or not self._partial_since:  # a frame completed: the one in pieces now is a new one
                     self._partial_since = time.monotonic()
             else:
                 self._partial_since = 0.0

@@ -62,6 +62,9 @@ class ListenAddress:
         kernel spreads connections over them.
         """
         loop = asyncio.get_running_loop()
+        inherited = inherited_socket(self.spec)
+        if inherited is not None:  # a worker: the supervisor bound it, every worker accepts on it
+            return await loop.create_unix_server(protocol, sock=inherited), 0
         if self.is_unix:
             return await loop.create_unix_server(protocol, sock=bind_unix(self.unix_path, self.spec)), 0
         server = await loop.create_server(protocol, self.host or None, self.port, reuse_address=True,
@@ -102,6 +105,28 @@ def bind_unix(path: str, spec: str) -> socket.socket:
         sock.close()
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise ListenError(f"cannot listen on {spec}: {reason}") from None
+    sock.setblocking(False)
+    return sock
+
+
+INHERITED_SOCKETS_ENV = "EXTAUTHZ_LISTEN_FDS"
+"""Set by the workers' supervisor: ``{address: fd}`` of the listening Unix sockets it bound for them (JSON)."""
+
+
+def inherited_socket(spec: str) -> socket.socket | None:
+    """The listening socket for ``spec`` the supervisor handed this worker, if it did.
+
+    A Unix socket cannot be shared with ``SO_REUSEPORT`` as a TCP port is: the
+    supervisor binds it once (:func:`bind_unix`, ``listen``) and each worker
+    accepts on that very socket, inherited as a file descriptor.
+    """
+    fds = os.environ.get(INHERITED_SOCKETS_ENV)
+    if not fds:
+        return None
+    fd = json.loads(fds).get(spec)
+    if not isinstance(fd, int):
+        return None
+    sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     return sock
 

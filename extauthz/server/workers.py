@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -50,7 +51,14 @@ from prometheus_client.registry import Collector
 
 from extauthz.observability.http import ObservabilityServer
 from extauthz.policy.model import Policy
-from extauthz.server.validation import ListenError, parse_address, parse_admin_address, probe_listen
+from extauthz.server.validation import (
+    INHERITED_SOCKETS_ENV,
+    ListenError,
+    bind_unix,
+    parse_address,
+    parse_admin_address,
+    probe_listen,
+)
 
 log = structlog.get_logger("extauthz.workers")
 
@@ -301,6 +309,10 @@ def describe_exit(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
+LISTEN_BACKLOG = 100
+"""Connections waiting to be accepted on a Unix socket the workers share (asyncio's own default)."""
+
+
 class Supervisor:
     def __init__(self, policy: Policy, settings: SupervisorSettings, workers: int) -> None:
         self.policy = policy
@@ -313,6 +325,8 @@ class Supervisor:
         self._stopping: asyncio.Event | None = None
         self._listening = asyncio.Event()
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._shared: dict[str, socket.socket] = {}
+        """Unix sockets bound here for the workers, by address."""
 
     def check_addresses(self) -> None:
         """Every listen address works for N processes, and nothing else holds one: before any worker starts."""
@@ -322,8 +336,8 @@ class Supervisor:
         for spec, what in shared:
             address = parse_address(spec)
             if address.is_unix:
-                raise ListenError(f"cannot listen on {spec} ({what}) with {len(self.slots)} workers: workers "
-                                  f"share a TCP port; a Unix socket is for one process (--workers 1)")
+                self._bind_shared(spec, address.unix_path, what)
+                continue
             if address.port == 0:
                 raise ListenError(f"cannot listen on {spec} ({what}) with {len(self.slots)} workers: "
                                   f"port 0 would give every worker a port of its own")
@@ -335,6 +349,19 @@ class Supervisor:
             parse_address(self.settings.metrics_address, unix=False)
             probe_listen(self.settings.metrics_address, "metrics, server.metricsAddress")
 
+    def _bind_shared(self, spec: str, path: str, what: str) -> None:
+        """A Unix socket, bound and listening here once, for every worker to accept on (it cannot be shared
+        through SO_REUSEPORT as a TCP port is). grpc.aio binds its own sockets, so it cannot take part."""
+        from extauthz.server.app import GRPC_SERVER_ENV, grpc_server
+
+        if spec == self.settings.grpc_address and (self.policy.server.tls is not None or grpc_server() != "lean"):
+            raise ListenError(f"cannot listen on {spec} ({what}) with {len(self.slots)} workers: grpc.aio "
+                              f"(server.tls or {GRPC_SERVER_ENV}=grpcio) binds its own sockets, so a Unix socket "
+                              "serves one process there (--workers 1), or use a TCP port")
+        sock = bind_unix(path, spec)
+        sock.listen(LISTEN_BACKLOG)
+        self._shared[spec] = sock
+
     async def run(self) -> int:
         """Until every worker has exited after a signal; returns the process exit code."""
         self.check_addresses()
@@ -344,6 +371,8 @@ class Supervisor:
             return await self._run()
         finally:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            for sock in self._shared.values():
+                sock.close()
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -468,10 +497,12 @@ class Supervisor:
     async def _run_worker(self, slot: _Slot) -> int:
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe()
+        shared = {spec: sock.fileno() for spec, sock in self._shared.items()}
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._argv(slot.index, write_end), pass_fds=(write_end,), process_group=0,
-                env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir},
+                *self._argv(slot.index, write_end), pass_fds=(write_end, *shared.values()), process_group=0,
+                env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+                     **({INHERITED_SOCKETS_ENV: json.dumps(shared)} if shared else {})},
             )
         except OSError as exc:
             os.close(read_end)
