@@ -1,4 +1,4 @@
-"""gRPC for Envoy on extauthz's own HTTP/2 server: ext_authz Check, ext_proc Process and health Check.
+"""gRPC for Envoy on extauthz's own HTTP/2 server: ext_authz Check, ext_proc Process and health Check/Watch.
 
 Why not grpc.aio: through Envoy on the benchmark's 2-core machine, grpc.aio's
 native machinery (a completion-queue poller thread handing every event to the
@@ -9,15 +9,19 @@ on the loop with nothing between the bytes and the decision, cost under half of
 that all in (docs/benchmarks.md). grpc.aio stays for what this server does not
 do: TLS listeners, the admin service, and ``EXTAUTHZ_GRPC_SERVER=grpcio``.
 
-The scope is what Envoy's gRPC client sends to a sidecar: cleartext HTTP/2 with
-prior knowledge (:mod:`extauthz.server.http2`), POSTs of ``application/grpc``,
-uncompressed length-prefixed messages. Each method is either unary (one message
-in, one out; the handler takes and returns serialised messages) or a stream of
-answers, one per message in order (ext_proc); a handler that raises
+The scope is what gRPC clients send to a sidecar: cleartext HTTP/2 with prior
+knowledge (:mod:`extauthz.server.http2`), POSTs of ``application/grpc``,
+length-prefixed messages, uncompressed or gzip/deflate (inflated within
+:data:`MAX_MESSAGE`, so a small bomb cannot grow past it). Each method is unary
+(one message in, one out; the handler takes and returns serialised messages),
+a stream of answers, one per message in order (ext_proc), or one request and
+answers sent as they come (health Watch). A handler that raises
 :class:`GrpcError` ends its call with that status, and any other exception with
 INTERNAL, which Envoy turns into its configured failure answer (the shipped
-configs fail closed). Deadlines are Envoy's: a Check that outlives its timeout
-is reset by Envoy, and the reset cancels it here.
+configs fail closed). ``grpc-timeout`` is the call's deadline (DEADLINE_EXCEEDED);
+a reset from Envoy cancels the call earlier. Bytes of a message are released to
+the connection's flow control once its answer is out, so what a call holds is
+bounded by its windows.
 """
 
 from __future__ import annotations
