@@ -129,7 +129,9 @@ def transport_table(rows: list[Row]) -> str:
     Only what every run must agree on, since a full run fails when the doc differs:
     held or not, and what the suite expects of that server. Which bound was missed,
     how the attacker's connection ended and the figures vary with timing (a GOAWAY
-    raced by a close, a probe that met a full queue) and are printed by each test.
+    raced by a close, a probe that met a full queue) and are printed by each test;
+    so does whether a case expected to fail (grpc.aio's) failed this time, since
+    some of those fail by a margin that varies with the machine's load.
     """
     lines = [
         "| Class | Variant | Server | Result | Expected |",
@@ -138,9 +140,13 @@ def transport_table(rows: list[Row]) -> str:
     ordered = sorted(transport_rows(rows), key=lambda r: (_order(r.cls), r.variant, SERVER_ORDER.get(r.server, 9)))
     for r in ordered:
         result = "held" if r.saw == "held" else "not held"
+        if r.expected.startswith("fails:"):
+            result = "expected to fail"
         lines.append(f"| {r.cls} | {_cell(r.variant)} | {r.server} | {result} | {_cell(r.expected)} |")
-    held = sum(r.saw == "held" for r in ordered)
-    lines.append(f"| **Total** | {len(ordered)} | | {held} held | |")
+    must = [r for r in ordered if not r.expected.startswith("fails:")]
+    held = sum(r.saw == "held" for r in must)
+    lines.append(f"| **Total** | {len(ordered)} | | {held} of {len(must)} held, {len(ordered) - len(must)} "
+                 "expected to fail | |")
     return "\n".join(lines)
 
 
