@@ -681,3 +681,186 @@ def test_at_the_cap_idle_connections_make_room_for_one_that_asks(monkeypatch: py
         finally:
             for sock in hoarders:
                 sock.close()
+
+
+# --- flow control as a real client drives it: windows tracked, frames interleaved -------------------
+
+
+class Windowed(Raw):
+    """A client that sends only within the windows the server grants, frames of streams in turn."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        self.connection = http2.DEFAULT_WINDOW
+        self.streams: dict[int, int] = {}
+        self.answers: dict[int, bytes] = {}
+
+    def _take(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if kind == http2.WINDOW_UPDATE:
+            increment = int.from_bytes(payload, "big")
+            if stream:
+                self.streams[stream] = self.streams.get(stream, http2.DEFAULT_WINDOW) + increment
+            else:
+                self.connection += increment
+        elif kind == http2.HEADERS and flags & http2.END_STREAM:
+            self.answers[stream] = trailer_fields(payload).get(b"grpc-status", b"?")
+        elif kind == http2.GOAWAY:
+            raise AssertionError(f"GOAWAY {int.from_bytes(payload[4:8], 'big')}")
+
+    async def pump(self, timeout: float) -> bool:
+        """Read what the server sent within ``timeout``; False when nothing came."""
+        try:
+            self._take(*await self.next(timeout))
+        except TimeoutError:
+            return False
+        while True:
+            try:
+                self._take(*await self.next(0.01))
+            except TimeoutError:
+                return True
+
+    async def send_round_robin(self, bodies: dict[int, bytes], padding: int = 0) -> None:
+        """Each stream's body, one frame per stream in turn, never beyond a window; fails if it stalls."""
+        sent = dict.fromkeys(bodies, 0)
+        for stream in bodies:
+            self.streams.setdefault(stream, http2.DEFAULT_WINDOW)
+        while any(sent[s] < len(b) for s, b in bodies.items()):
+            moved = False
+            for stream, body in bodies.items():
+                room = min(self.connection, self.streams[stream]) - (padding + 1 if padding else 0)
+                size = min(len(body) - sent[stream], http2.FRAME_SIZE - (padding + 1 if padding else 0), room)
+                if size <= 0 and sent[stream] < len(body):
+                    continue
+                if sent[stream] >= len(body):
+                    continue
+                chunk = body[sent[stream]:sent[stream] + size]
+                end = sent[stream] + size == len(body)
+                flags = (http2.END_STREAM if end else 0) | (http2.PADDED if padding else 0)
+                payload = bytes([padding]) + chunk + bytes(padding) if padding else chunk
+                self.send(frame(http2.DATA, flags, stream, payload))
+                self.connection -= len(payload)
+                self.streams[stream] -= len(payload)
+                sent[stream] += size
+                moved = True
+            await self.writer.drain()
+            if not moved and not await self.pump(2.0):
+                raise AssertionError(f"stalled: connection window {self.connection}, streams {self.streams}, "
+                                     f"left {[len(b) - sent[s] for s, b in bodies.items()]}")
+            await self.pump(0)
+
+
+def test_many_mid_size_messages_interleaved_all_arrive() -> None:
+    """Ten 60 KB Checks sent a frame each in turn (as nghttp2 schedules them): every window the server
+    grants covers every message in progress together, so none waits on the others for ever."""
+    async def scenario(raw: Raw) -> None:
+        client = Windowed(raw.reader, raw.writer)
+        bodies = {stream: grpc_message(b"x" * 60_000) for stream in range(1, 21, 2)}
+        for stream in bodies:
+            client.send(frame(http2.HEADERS, http2.END_HEADERS, stream, client.encoder.encode(REQUEST)))
+        await client.send_round_robin(bodies)
+        while len(client.answers) < len(bodies):
+            assert await client.pump(5.0), f"answers {client.answers}"
+        assert set(client.answers.values()) == {b"0"}
+
+    raw_scenario(scenario)
+    assert http2.BUDGET.reserved == 0
+
+
+def test_a_padded_large_message_arrives() -> None:
+    async def scenario(raw: Raw) -> None:
+        client = Windowed(raw.reader, raw.writer)
+        client.send(frame(http2.HEADERS, http2.END_HEADERS, 1, client.encoder.encode(REQUEST)))
+        await client.send_round_robin({1: grpc_message(b"y" * 200_000)}, padding=255)
+        while 1 not in client.answers:
+            assert await client.pump(5.0)
+        assert client.answers[1] == b"0"
+
+    raw_scenario(scenario)
+    assert http2.BUDGET.reserved == 0
+
+
+def test_a_request_that_never_ends_is_reset_and_does_not_count_as_activity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream opened and left unfinished neither holds its place for ever nor outranks a client whose
+    requests are answered when the cap needs room."""
+    from extauthz.server import grpc_lean
+
+    monkeypatch.setattr(http2, "TICK_SECONDS", 0.05)
+    monkeypatch.setattr(http2, "READ_SECONDS", 0.3)
+    monkeypatch.setattr(grpc_lean, "MAX_CONNECTIONS", 3)
+
+    async def scenario(raw: Raw) -> None:
+        raw.send(frame(http2.HEADERS, http2.END_HEADERS, 1, raw.encoder.encode(REQUEST)))
+        _, _, stream, payload = await raw.until(http2.RST_STREAM, timeout=3)
+        assert stream == 1 and int.from_bytes(payload, "big") == http2.CANCEL
+
+    raw_scenario(scenario)
+    with serving({"/t.T/Size": size}) as running:
+        assert running.unary("/t.T/Size")(b"abc", timeout=5) == b"3"
+        hoarders = [socket.create_connection(("127.0.0.1", running.server.port)) for _ in range(3)]
+        try:
+            encoder = hpack.Encoder()
+            for n, sock in enumerate(hoarders):  # each holds a request that never ends: "busy", but not active
+                sock.sendall(http2.PREFACE + frame(http2.SETTINGS, 0, 0)
+                             + frame(http2.HEADERS, http2.END_HEADERS, 1, encoder.encode(REQUEST) if n == 0
+                                     else hpack.Encoder().encode(REQUEST)))
+            before = set(running.server.connections)
+            assert running.unary("/t.T/Size")(b"abcd", timeout=5) == b"4"
+            assert before & set(running.server.connections)  # the client's connection was kept, hoarders went
+        finally:
+            for sock in hoarders:
+                sock.close()
+
+
+def test_checks_cancelled_while_they_work_do_not_end_the_connection() -> None:
+    """Envoy resets Checks it stops waiting for (its timeout, a client gone): those are not rapid resets."""
+    async def slow(message: bytes) -> bytes:
+        await asyncio.sleep(0.5)
+        return b"late"
+
+    with serving({"/t.T/Slow": slow, "/t.T/Size": size}) as running:
+        assert running.unary("/t.T/Size")(b"a", timeout=5) == b"1"
+        (connection,) = running.server.connections
+        calls = [running.unary("/t.T/Slow").future(b"x", timeout=30) for _ in range(http2.PREMATURE_RESETS + 20)]
+        running.run(asyncio.sleep(0.1))  # every Check is being worked on
+        for call in calls:
+            call.cancel()  # RST_STREAM CANCEL, before any answer and long before the deadline
+        running.run(asyncio.sleep(0.2))
+        assert running.unary("/t.T/Size")(b"ab", timeout=5) == b"2"
+        assert running.server.connections == {connection}
+
+
+def test_checks_answered_at_once_in_one_read_go_out_in_one_write() -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    async def main() -> None:
+        server = LeanGrpcServer(Methods({"/t.T/Size": size}, {}), "127.0.0.1:0")
+        connection = server.connection()
+        transport = Counting()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        encoder = hpack.Encoder()
+        batch = http2.PREFACE + frame(http2.SETTINGS, 0, 0) + b"".join(
+            frame(http2.HEADERS, http2.END_HEADERS, stream, encoder.encode(REQUEST))
+            + frame(http2.DATA, http2.END_STREAM, stream, grpc_message(b"x")) for stream in range(1, 16, 2))
+        transport.writes = 0
+        connection.data_received(batch)  # 8 Checks, answered at once
+        assert transport.writes == 1
+        connection.connection_lost(None)
+
+    asyncio.run(main())

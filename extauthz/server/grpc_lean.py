@@ -147,16 +147,14 @@ class _Unary:
 class _Call:
     """The state of one call: the message bytes not yet whole, the messages waiting for an answer."""
 
-    __slots__ = ("answered", "buffer", "deadline", "ended", "expected", "inflate", "queue", "serving", "stream",
-                 "streaming", "task", "timer")
+    __slots__ = ("answered", "buffer", "deadline", "ended", "inflate", "queue", "serving", "stream", "streaming",
+                 "task", "timer")
 
     def __init__(self) -> None:
         self.stream: MessageStream | None = None
         self.serving: ServerStreaming | None = None
         self.streaming = False
         self.buffer = bytearray()
-        self.expected = 0
-        """The whole length (prefix included) of the message in the buffer, once its credit was settled."""
         self.queue: deque[tuple[bytes, int]] = deque()
         """Whole messages waiting for their answer, with their size on the wire (released once answered)."""
         self.inflate = 0
@@ -250,15 +248,12 @@ class _Connection(Http2Connection):
                 return
             whole = 5 + length
             if len(buffer) < whole:
-                if call.expected != whole:
-                    # The rest of a message larger than the window: credit for exactly that, or the call ends.
-                    call.expected = whole
-                    if not self.reserve(stream, whole - len(buffer)):
-                        self._finish(stream, call, RESOURCE_EXHAUSTED,
-                                     "the sidecar holds as many large messages as it may; try again")
-                        return
+                # Credit for the rest of the message, whatever the windows (or the call ends).
+                if not self.expect(stream, whole - len(buffer)):
+                    self._finish(stream, call, RESOURCE_EXHAUSTED,
+                                 "the sidecar holds as many large messages as it may; try again")
+                    return
                 break
-            call.expected = 0
             try:
                 message = self._message(call, buffer[0], bytes(buffer[5:whole]))
             except GrpcError as exc:
@@ -269,6 +264,9 @@ class _Connection(Http2Connection):
             if not call.streaming and len(call.queue) > 1:
                 self._finish(stream, call, UNIMPLEMENTED, "more than one request message on a unary call")
                 return
+        else:
+            if stream.awaiting:
+                self.expect(stream, 0)
         if end_stream and buffer:
             self._finish(stream, call, INTERNAL, "the request ended inside a message")
 
@@ -291,6 +289,12 @@ class _Connection(Http2Connection):
         call: _Call | None = stream.handler
         if call is not None and not call.ended:
             self._end(call)
+
+    def stream_stalled(self, stream: Stream) -> bool:
+        call: _Call | None = stream.handler
+        # A unary or server-streaming request must end, and a message once begun must finish; ext_proc's
+        # stream rightly waits between messages while the upstream answers.
+        return call is None or not call.streaming or bool(call.buffer)
 
     @staticmethod
     def _message(call: _Call, flag: int, payload: bytes) -> bytes:
@@ -406,7 +410,6 @@ class _Connection(Http2Connection):
         else:
             # Trailers-only: the status in the one header block (a stream ended before any answer).
             self.send_headers(stream, _trailers(code, message, head=True), end_stream=True)
-        self.flush()
 
 
 class LeanGrpcServer(Listener["_Connection"]):

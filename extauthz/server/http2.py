@@ -16,10 +16,12 @@ stacks (nghttp2, Envoy) were hardened after each published HTTP/2 attack:
   frame in progress holds no more. Window credit goes back to the peer as the
   layer above *consumes* what it received (:meth:`Http2Connection.release`),
   not as bytes arrive, so a stream holds at most its window (64 KiB) and a
-  connection :data:`CONNECTION_WINDOW`. A larger message gets credit reserved
-  for exactly its declared length (:meth:`~Http2Connection.reserve`) from a
-  per-connection and a process-wide budget (:data:`BUDGET`); past them, that
-  call is refused, not the process.
+  connection :data:`CONNECTION_WINDOW`. Messages larger than that get credit
+  for exactly their declared lengths (:meth:`~Http2Connection.expect`): a
+  stream's window always covers its message in progress, and the connection's
+  all of them together, the part beyond its base taken from a per-connection
+  and a process-wide budget (:data:`BUDGET`); past them, that call is refused,
+  not the process. A request that stops making progress is reset.
 * **Output memory.** What waits for the peer's window is counted; past
   :data:`OUTPUT_PER_CONNECTION` the connection refuses new streams, and
   output that makes no progress for :data:`STALL_SECONDS` ends the connection.
@@ -90,7 +92,7 @@ STREAM_WINDOW = DEFAULT_WINDOW
 CONNECTION_WINDOW = 256 << 10
 """What a connection may send ahead of what was consumed, besides reservations: a few hundred Checks of Envoy's."""
 RESERVE_PER_CONNECTION = 16 << 20
-"""Credit reserved for large messages on one connection at a time (two of the largest, 8 MiB)."""
+"""Connection credit beyond its base for messages in progress, at most (two of the largest, 8 MiB)."""
 MAX_STREAMS = 100
 """Open streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS): Envoy opens another connection past it."""
 MAX_HEADER_LIST = 16 << 10
@@ -105,14 +107,16 @@ FRAMES_PER_TURN = 128
 STREAMS_PER_TURN = 16
 PREFACE_SECONDS = 10.0
 READ_SECONDS = 10.0
-"""A frame or a header block started must be complete within this."""
+"""A frame or a header block started must be complete within this, and a request (or a message in
+progress) must make progress within it."""
 STALL_SECONDS = 30.0
 """Output waiting for the peer's window with no progress for this long ends the connection."""
 IDLE_SECONDS = 600.0
 """A connection without a stream for this long is closed gracefully (Envoy reconnects when it needs one)."""
 TICK_SECONDS = 2.0
 PREMATURE_RESETS = 50
-"""Resets before an answer tolerated in any case; past it, more than half of all streams so reset ends it."""
+"""Streams reset before any work was done on them, tolerated in any case; past it, more than half of all
+streams so reset ends the connection (rapid reset). A reset of a request being worked on never counts."""
 SETTINGS_BURST, SETTINGS_PER_SECOND = 32, 2.0
 PING_BURST, PING_PER_SECOND = 200, 20.0
 """Envoy sends SETTINGS once and PINGs for keepalive; grpc clients' bandwidth probes send a few per second."""
@@ -141,7 +145,7 @@ class Budget:
     """What all connections of this process may hold together, beyond each connection's own windows."""
 
     reservable: int = 64 << 20
-    """Credit reserved for large messages across connections (the largest message is 8 MiB)."""
+    """Connection credit beyond the connections' bases, for large messages in progress, all together."""
     reserved: int = 0
 
 
@@ -226,20 +230,23 @@ class Stream:
 
     __slots__ = (
         "answered",
+        "awaiting",
+        "extra",
+        "handed",
         "handler",
         "headers",
         "held",
         "id",
         "pending",
+        "progress",
         "recv_window",
         "remote_closed",
-        "reserved",
         "send_credit",
         "trailers",
         "unacknowledged",
     )
 
-    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], now: float) -> None:
         self.id = stream_id
         self.headers = headers
         """The request headers, for :meth:`Http2Connection.stream_started` (emptied after it)."""
@@ -249,8 +256,14 @@ class Stream:
         """What the peer may still send on it, as the peer sees it (credit counts once its update is sent)."""
         self.held = 0
         """Bytes received and not yet released by the layer above."""
-        self.reserved = 0
+        self.extra = 0
         """Credit granted for a large message beyond :data:`STREAM_WINDOW`, not yet consumed."""
+        self.awaiting = 0
+        """Bytes of the message in progress still to come, as its prefix declared (:meth:`~Http2Connection.expect`)."""
+        self.progress = now
+        """When its request last moved (opened, or data arrived)."""
+        self.handed = False
+        """Handed on to the layer above at least once: from then on work was spent on it."""
         self.unacknowledged = 0
         """Credit released and not yet given back with a window update."""
         self.pending = bytearray()
@@ -287,9 +300,12 @@ class Http2Connection(asyncio.Protocol):
         self._recv_window = DEFAULT_WINDOW
         self._unacknowledged = 0
         """Connection credit released and not yet given back."""
-        self._owed = 0
-        """Connection credit given as reservations the peer will no longer use: kept back from what is released."""
-        self._reserved = 0
+        self._awaiting = 0
+        """Bytes of every stream's message in progress still to come: the connection's window covers them all."""
+        self._extra = 0
+        """Connection credit granted beyond :data:`CONNECTION_WINDOW` (counted in :data:`BUDGET`), not yet absorbed."""
+        self._spare_since = 0.0
+        """Since when the connection holds extra credit with no message awaiting it."""
         self._blocked: dict[int, Stream] = {}
         """Streams with data waiting for the connection's window, in order."""
         self._stalled: dict[int, Stream] = {}
@@ -303,7 +319,8 @@ class Http2Connection(asyncio.Protocol):
         self._paused = 0
         self._continue: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
-        now = time.monotonic()
+        now = self._now = time.monotonic()
+        """The time of the batch being read (one clock read per batch)."""
         self._made = self._active = self._progress = now
         self._partial_since = 0.0
         # Counters of what no real client does (see the module's docstring).
@@ -321,7 +338,7 @@ class Http2Connection(asyncio.Protocol):
         self._final_goaway = False
         self._close_when_idle = False
         self._lingering = False
-        self._answered_any = False
+        self._answered_at = 0.0
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -347,6 +364,8 @@ class Http2Connection(asyncio.Protocol):
         for stream in streams.values():
             self._forget(stream)
             self.stream_reset(stream)
+        BUDGET.reserved -= self._extra  # credit the peer can no longer use
+        self._extra = 0
         self._blocked.clear()
         self._stalled.clear()
         self._ready.clear()
@@ -358,9 +377,9 @@ class Http2Connection(asyncio.Protocol):
 
     @property
     def last_active(self) -> float:
-        """When a stream last started or was answered; never (0) before the first stream: frames alone
-        (PINGs, SETTINGS) are not activity."""
-        return self._active if self._answered_any else 0.0
+        """When a stream was last answered; never (0) before the first: opening streams that never end, or
+        frames alone (PINGs, SETTINGS), are not activity."""
+        return self._answered_at
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing() or self._lingering:
@@ -385,6 +404,11 @@ class Http2Connection(asyncio.Protocol):
     def stream_reset(self, stream: Stream) -> None:
         """The peer reset the stream, or the connection was lost: nothing more can be sent on it."""
 
+    def stream_stalled(self, stream: Stream) -> bool:
+        """The stream's request has not moved for :data:`READ_SECONDS`: should it be reset? (Not a
+        stream that may rightly wait, such as ext_proc's between messages.)"""
+        return False
+
     def release(self, stream: Stream, size: int) -> None:
         """``size`` bytes the stream received are consumed: give the peer that much credit back.
 
@@ -393,43 +417,44 @@ class Http2Connection(asyncio.Protocol):
         """
         size = min(size, stream.held)  # nothing twice: a stream that ended released all it held
         stream.held -= size
-        kept = min(stream.reserved, size)
+        kept = min(stream.extra, size)
+        stream.extra -= kept
+        self._credit_stream(stream, size - kept)
+        kept = min(self._extra, size)
         if kept:
-            stream.reserved -= kept
-            self._unreserve(kept)
-        credit = size - kept
-        if stream.id in self.streams and not stream.remote_closed:
-            stream.unacknowledged += credit
-            if stream.unacknowledged and (stream.unacknowledged >= STREAM_WINDOW // 2
-                                          or stream.recv_window < STREAM_WINDOW // 2):
-                self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.unacknowledged)))
-                stream.recv_window += stream.unacknowledged
-                stream.unacknowledged = 0
-        self._give_back(credit)
+            self._extra -= kept
+            BUDGET.reserved -= kept
+        self._give_back(size - kept)
         self._flush_unless_batching()
 
-    def reserve(self, stream: Stream, remaining: int) -> bool:
-        """Let the ``remaining`` bytes of a large message arrive on this stream, whatever its windows allow.
+    def expect(self, stream: Stream, awaiting: int) -> bool:
+        """The stream's message in progress still has ``awaiting`` bytes to come: let them all arrive.
 
-        False when the connection's or the process's budget cannot take it (the
-        caller refuses the message instead): memory held for messages in
+        The stream's window is raised to cover them, and the connection's to
+        cover every stream's together (never one shared window counted once per
+        message, which would leave messages that fit no window each waiting for
+        the others). What the connection needs beyond its base comes from its
+        own and the process's budget; False when that cannot take it (the
+        caller refuses the message instead), so memory held for messages in
         progress stays bounded whatever the peers declare.
         """
-        size = remaining - min(stream.recv_window, self._recv_window)  # the windows as the peer sees them
-        if size <= 0:
-            return True
-        if self._reserved + size > RESERVE_PER_CONNECTION or BUDGET.reserved + size > BUDGET.reservable:
-            return False
-        self._reserved += size
-        BUDGET.reserved += size
-        stream.reserved += size
-        # Credit released and not yet given back goes out with it.
-        stream_credit, stream.unacknowledged = size + stream.unacknowledged, 0
-        connection_credit, self._unacknowledged = size + self._unacknowledged, 0
-        stream.recv_window += stream_credit
-        self._recv_window += connection_credit
-        self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream_credit))
-                         + frame(WINDOW_UPDATE, 0, 0, _U32.pack(connection_credit)))
+        self._awaiting += awaiting - stream.awaiting
+        stream.awaiting = awaiting
+        short = self._awaiting - self._recv_window  # the windows as the peer sees them
+        if short > 0:
+            if self._extra + short > RESERVE_PER_CONNECTION or BUDGET.reserved + short > BUDGET.reservable:
+                return False
+            self._extra += short
+            BUDGET.reserved += short
+            credit, self._unacknowledged = short + self._unacknowledged, 0
+            self._recv_window += credit
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit)))
+        short = awaiting - stream.recv_window
+        if short > 0:  # a stream's window is no memory: the connection's bounds what arrives
+            stream.extra += short
+            credit, stream.unacknowledged = short + stream.unacknowledged, 0
+            stream.recv_window += credit
+            self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(credit)))
         self._flush_unless_batching()
         return True
 
@@ -499,6 +524,7 @@ class Http2Connection(asyncio.Protocol):
         """Act on the frames buffered so far, a bounded batch per turn of the loop."""
         self._continue = None
         self._batching = True
+        self._now = time.monotonic()
         try:
             buffer = self._buffer
             start = 0
@@ -514,7 +540,7 @@ class Http2Connection(asyncio.Protocol):
                 del buffer[:used]
             if buffer or self._continuation is not None:
                 if used or not self._partial_since:  # a frame completed: the one in pieces now is a new one
-                    self._partial_since = time.monotonic()
+                    self._partial_since = self._now
             else:
                 self._partial_since = 0.0
             self._hand_on()
@@ -539,6 +565,7 @@ class Http2Connection(asyncio.Protocol):
         ready, self._ready = self._ready, {}
         for stream in ready.values():
             if self.streams.get(stream.id) is stream:
+                stream.handed = True
                 self.stream_ready(stream)
 
     def _frames(self, buffer: bytearray, position: int) -> tuple[int, bool]:
@@ -613,11 +640,13 @@ class Http2Connection(asyncio.Protocol):
         if flags & PADDED:
             data = _unpad(payload)
             padding = length - len(data)
+            if padding:  # never held, and never part of a message's due: given straight back
+                self._credit_stream(stream, padding)
+                self._give_back(padding)
         else:
-            data, padding = payload, 0
-        stream.held += length
-        if padding:
-            self.release(stream, padding)
+            data = payload
+        stream.held += len(data)
+        stream.progress = self._now
         if end:
             stream.remote_closed = True
         self._ready[stream_id] = stream
@@ -681,9 +710,8 @@ class Http2Connection(asyncio.Protocol):
                 raise ProtocolError(ENHANCE_YOUR_CALM, "streams opened again and again past the limits")
             self._out.append(frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
-        stream = self.streams[stream_id] = Stream(stream_id, headers)
-        self._active = time.monotonic()
-        self._answered_any = True
+        stream = self.streams[stream_id] = Stream(stream_id, headers, self._now)
+        self._active = self._now
         stream.remote_closed = end
         self.stream_started(stream)
         stream.headers = []
@@ -742,13 +770,14 @@ class Http2Connection(asyncio.Protocol):
         if stream is None:
             self._control_frame("RST_STREAM")
             return
-        if not stream.answered:
-            # Rapid reset: streams opened and reset before an answer cost work and yield nothing.
+        if not stream.handed:
+            # Rapid reset: streams opened and reset before anything was done with them.
             self._premature += 1
             if self._premature > PREMATURE_RESETS and 2 * self._premature > self._opened:
                 raise ProtocolError(ENHANCE_YOUR_CALM, "most streams reset before their answer")
         self._forget(stream)
         self.stream_reset(stream)
+        self._close_if_done()
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -798,9 +827,6 @@ class Http2Connection(asyncio.Protocol):
     # --- credit -------------------------------------------------------------------------------------
 
     def _give_back(self, credit: int) -> None:
-        kept = min(self._owed, credit)
-        self._owed -= kept
-        credit -= kept
         if credit <= 0:
             return
         self._unacknowledged += credit
@@ -809,23 +835,25 @@ class Http2Connection(asyncio.Protocol):
             self._recv_window += self._unacknowledged
             self._unacknowledged = 0
 
-    def _unreserve(self, size: int) -> None:
-        self._reserved -= size
-        BUDGET.reserved -= size
+    def _credit_stream(self, stream: Stream, credit: int) -> None:
+        if credit <= 0 or stream.remote_closed or stream.id not in self.streams:
+            return
+        stream.unacknowledged += credit
+        if stream.unacknowledged >= STREAM_WINDOW // 2 or stream.recv_window < STREAM_WINDOW // 2:
+            self._out.append(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.unacknowledged)))
+            stream.recv_window += stream.unacknowledged
+            stream.unacknowledged = 0
 
     def _forget(self, stream: Stream) -> None:
-        """A stream is gone: what it held is consumed, what it reserved and will not receive is taken back."""
+        """A stream is gone: what it held is consumed, and its message in progress is awaited no more."""
         self._blocked.pop(stream.id, None)
         self._stalled.pop(stream.id, None)
         self._output -= len(stream.pending)
         stream.pending = bytearray()
         if stream.held:
             self.release(stream, stream.held)
-        if stream.reserved:
-            # Credit the peer may still use on the connection: kept back from what comes free later.
-            self._unreserve(stream.reserved)
-            self._owed += stream.reserved
-            stream.reserved = 0
+        self._awaiting -= stream.awaiting
+        stream.awaiting = 0
 
     # --- frames out ---------------------------------------------------------------------------------
 
@@ -862,11 +890,15 @@ class Http2Connection(asyncio.Protocol):
 
     def _closed_locally(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
-        self._active = time.monotonic()
+        # An answer that waited (a task) ends after its batch: read the clock then.
+        self._active = self._answered_at = self._now if self._batching else time.monotonic()
         self._forget(stream)
         if not stream.remote_closed:
             # The answer is complete; the peer need not send the rest of its request (RFC 9113, 8.1).
             self._out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
         if self._close_when_idle and not self.streams:
             self._close_after_flush()
 
@@ -925,6 +957,20 @@ class Http2Connection(asyncio.Protocol):
         if self._output and now - self._progress > STALL_SECONDS:
             self._timed_out("answers waiting for a window the peer does not open")
             return
+        for stream in [s for s in self.streams.values() if not s.remote_closed and now - s.progress > READ_SECONDS]:
+            if stream.awaiting or self.stream_stalled(stream):
+                log.warning("http2_stream_stalled", stream=stream.id,
+                            hint=f"a request made no progress for {READ_SECONDS:g} s; it was reset")
+                self._reset(stream, CANCEL)
+        if self._extra and self._awaiting:
+            self._spare_since = 0.0
+        elif self._extra and not self._spare_since:
+            self._spare_since = now
+        elif self._extra and now - self._spare_since > READ_SECONDS and not self.going_away:
+            # Credit for messages that never came holds the process's budget: the connection ends gracefully.
+            self._close_when_idle = True
+            self.go_away()
+        self.flush()
         if not self.streams and not self.going_away and now - self._active > IDLE_SECONDS:
             self._close_when_idle = True
             self.go_away()

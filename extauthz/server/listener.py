@@ -104,13 +104,14 @@ class Listener(Generic[C]):
         """Count a new connection in; at :attr:`max_connections`, the least recently active one makes room.
 
         Refusing the new connection instead would let any process in the pod
-        that holds the cap lock Envoy out. Evicting the connection that was
-        idle longest (one with a request in progress only if all have one)
-        always lets Envoy in: its connections carry requests all the time, a
-        hoarder's sit idle or spin on frames that do not count as activity.
+        that holds the cap lock Envoy out. Evicting the connection whose last
+        request started longest ago (of equals, one without a request in
+        progress) always lets Envoy in: its connections carry requests all the
+        time, a hoarder's sit idle, spin on frames that do not count as
+        activity, or hold requests that never end (and are reset after a while).
         """
         if len(self.connections) >= self.max_connections:
-            victim = min(self.connections, key=lambda c: (c.busy, c.last_active))
+            victim = min(self.connections, key=lambda c: (c.last_active, c.busy))
             self.connections.discard(victim)
             victim.evict()
             self._evicted += 1

@@ -17,9 +17,11 @@ import json
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from extauthz.errors import ExtauthzError
 from extauthz.identity.jwks import parse_jwks  # the very parser the key sets use
@@ -64,7 +66,10 @@ class ListenAddress:
         loop = asyncio.get_running_loop()
         inherited = inherited_socket(self.spec)
         if inherited is not None:  # a worker: the supervisor bound it, every worker accepts on it
-            return await loop.create_unix_server(protocol, sock=inherited), 0
+            # asyncio (3.13+) would unlink the path when this worker's server closes: every worker's socket.
+            keep: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) and isinstance(
+                loop, asyncio.BaseEventLoop) else {}
+            return await loop.create_unix_server(protocol, sock=inherited, **keep), 0
         if self.is_unix:
             return await loop.create_unix_server(protocol, sock=bind_unix(self.unix_path, self.spec)), 0
         server = await loop.create_server(protocol, self.host or None, self.port, reuse_address=True,

@@ -364,13 +364,14 @@ class Supervisor:
 
     async def run(self) -> int:
         """Until every worker has exited after a signal; returns the process exit code."""
-        self.check_addresses()
-        self._stopping = asyncio.Event()
-        self.metrics_dir = metrics_directory()
         try:
+            self.check_addresses()
+            self._stopping = asyncio.Event()
+            self.metrics_dir = metrics_directory()
             return await self._run()
         finally:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
             for sock in self._shared.values():
                 sock.close()
 

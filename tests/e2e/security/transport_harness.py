@@ -1407,7 +1407,7 @@ def small_frame_flood(sc: Sidecar, m: Measure, kind: str, budget: int = SMALL_BU
 VIOLATIONS: dict[str, str] = {
     "bad preface": "PROTOCOL_ERROR",
     "frame over the max size": "FRAME_SIZE_ERROR",
-    "DATA beyond the connection window": "FLOW_CONTROL_ERROR",
+    "DATA beyond a stream's window": "FLOW_CONTROL_ERROR",
     "DATA on stream 0": "PROTOCOL_ERROR",
     "HEADERS on an even stream": "PROTOCOL_ERROR",
     "header block interrupted by PING": "PROTOCOL_ERROR",
@@ -1420,41 +1420,22 @@ VIOLATIONS: dict[str, str] = {
 """Each violation and the error code RFC 9113 gives it (a connection error in every case)."""
 
 
-def _overrun_connection_window(conn: H2, fields: list[tuple[str, str]], out: Outcome, budget: int = 2 * MB) -> None:
-    """Send one byte more than the connection window the server has granted, each stream within its own.
+def _overrun_window(conn: H2, fields: list[tuple[str, str]]) -> None:
+    """One message that fills its stream's window exactly, and one byte more, in one write.
 
-    Each stream carries a message declared one prefix longer than the stream's
-    window, so no message completes and no credit is owed for consuming one. A
-    server may still grant credit at any time, and a grant in flight when the
-    overrun was written makes it none: so this goes in rounds, each reading what
-    the server granted meanwhile and overrunning that again, until the server ends
-    the connection or ``budget`` bytes went without it ever doing so.
+    A server grants credit for what it has consumed, or for a message's declared
+    length once it has read its prefix; neither can cover a byte beyond a
+    message it has not yet answered, written before any of it was read. So the
+    last byte is beyond the stream's window whatever the server grants, and
+    within the connection's (a window the peer overruns, RFC 9113 6.9.1).
     """
-    chunk = b"x" * conn.max_frame
-    stream = 0
-    conn.pump(0.1)
-    deadline = time.monotonic() + ATTACK_SECONDS
-    while conn.sent < budget and not conn.closed and conn.goaway is None and time.monotonic() < deadline:
-        batch = bytearray()
-        total = conn.conn_window + 1
-        while total > 0:
-            if stream == 0 or conn.stream_windows.get(stream, 0) <= 0:
-                if len(conn.open_streams) >= conn.max_streams:
-                    out.problems.append("the connection window cannot be overrun within the stream limit")
-                    return
-                stream, head = conn.headers(fields)
-                # A message one prefix longer than the stream may carry: never complete, never consumed.
-                batch += head + frame(DATA, 0, stream, b"\x00" + conn.initial_window.to_bytes(4, "big"))
-                conn.stream_windows[stream] -= 5
-                conn.conn_window -= 5
-                total -= 5
-            size = max(0, min(total, conn.stream_windows[stream], len(chunk)))
-            batch += frame(DATA, 0, stream, chunk[:size])
-            conn.stream_windows[stream] -= size
-            conn.conn_window -= size
-            total -= size
-        conn.write(batch)
-        conn.pump(0.3)
+    stream, head = conn.headers(fields)
+    window = min(conn.stream_windows[stream], conn.conn_window - 1)
+    message = b"\x00" + (window - 5).to_bytes(4, "big") + b"x" * (window - 5) + b"\x00"
+    batch = bytearray(head)
+    for offset in range(0, len(message), conn.max_frame):
+        batch += frame(DATA, 0, stream, message[offset:offset + conn.max_frame])
+    conn.write(batch)
 
 
 def violation(sc: Sidecar, m: Measure, case: str) -> Outcome:
@@ -1469,8 +1450,8 @@ def violation(sc: Sidecar, m: Measure, case: str) -> Outcome:
             block = padded_block(fields, 2 * conn.max_frame + 4096, "big")[:conn.max_frame + 1]
             assert len(block) == conn.max_frame + 1
             conn.write(frame(HEADERS, END_HEADERS, 1, block))
-        elif case == "DATA beyond the connection window":
-            _overrun_connection_window(conn, fields, out)
+        elif case == "DATA beyond a stream's window":
+            _overrun_window(conn, fields)
         elif case == "DATA on stream 0":
             conn.write(frame(DATA, 0, 0, b"x"))
         elif case == "HEADERS on an even stream":
