@@ -229,7 +229,6 @@ class Stream:
     """One request stream: its headers, what it may still send and receive, and what it holds."""
 
     __slots__ = (
-        "answered",
         "awaiting",
         "extra",
         "handed",
@@ -271,8 +270,6 @@ class Stream:
         self.trailers: bytes | None = None
         """The closing header block, sent once ``pending`` is out."""
         self.remote_closed = False
-        self.answered = False
-        """Response headers sent: a reset from here on is not premature."""
         self.handler: Any = None
         """What the subclass keeps for this stream."""
 
@@ -329,7 +326,7 @@ class Http2Connection(asyncio.Protocol):
         self._refused = 0
         self._empty = 0
         self._priority = 0
-        self._window_updates = 0
+        self._idle_frames = 0
         self._data_sent = 0
         self._settings = _Bucket(SETTINGS_BURST, SETTINGS_PER_SECOND, now)
         self._pings = _Bucket(PING_BURST, PING_PER_SECOND, now)
@@ -460,7 +457,6 @@ class Http2Connection(asyncio.Protocol):
 
     def send_headers(self, stream: Stream, block: bytes, end_stream: bool = False) -> None:
         """Response headers (literal fields, :func:`literal_block`), small enough for one frame."""
-        stream.answered = True
         self._out.append(frame(HEADERS, END_HEADERS | (END_STREAM if end_stream else 0), stream.id, block))
         if end_stream:
             self._closed_locally(stream)
@@ -811,8 +807,8 @@ class Http2Connection(asyncio.Protocol):
 
     def _control_frame(self, kind: str) -> None:
         """A frame that asks for no work: in proportion to the answers sent, as Envoy counts them."""
-        self._window_updates += 1
-        if self._window_updates > CONTROL_BASE + WINDOW_UPDATES_PER_DATA_FRAME * (self._data_sent + self._opened):
+        self._idle_frames += 1
+        if self._idle_frames > CONTROL_BASE + WINDOW_UPDATES_PER_DATA_FRAME * (self._data_sent + self._opened):
             raise ProtocolError(ENHANCE_YOUR_CALM, f"a flood of {kind} frames")
 
     def _count_empty(self, empty: bool) -> None:
