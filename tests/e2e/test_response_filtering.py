@@ -378,3 +378,14 @@ def test_processor_errors_and_timeouts_never_leak_the_body(tmp_path: Path) -> No
         # One documented answer for "extauthz could not answer": 503, JSON, retry-after.
         assert r.status == 503 and r.json()["error"] == "authorization_unavailable", r.body
         assert r.headers["retry-after"] == "1" and b"user-456" not in r.body
+
+
+def test_a_path_too_long_to_hand_to_the_response_phase_is_refused_before_the_upstream(
+        stack: Stack, token: Any) -> None:
+    """A filtered route's path whose hand-off would exceed its bound is denied 414 through the real Envoy on
+    every transport, never allowed without a hand-off (the upstream would act before the answer is blocked)."""
+    path = "/v1/orders/" + "a" * 50_000  # under Envoy's 60 KiB of request headers, over the hand-off's 48 KiB
+    before = len(stack.upstream.requests)
+    r = stack.request("GET", path, token("user-123"))
+    assert r.status == 414 and r.json()["error"] == "uri_too_long"
+    assert len(stack.upstream.requests) == before
