@@ -17,6 +17,11 @@ each scenario's ratios in a round are to the two floor runs around that round,
 and the report gives the median of every figure over the rounds and each
 round's ratios beside it.
 
+A scenario may also be compared with a reference of its own kind, run just
+before it in every round (the TLS scenarios with the trivial server behind the
+same TLS cluster): each round's ratio of the two, and their median. Every
+scenario is one line of :data:`TABLE`.
+
 Before a scenario is measured it is checked to do what it claims (200 with the
 token; 401 without it and 403 for a service account where there is auth; the
 body really filtered where there is a filter). After it, Envoy's own counters
@@ -61,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from bench import ceiling_authz
 from bench.harness import (
@@ -76,7 +82,7 @@ from bench.harness import (
     wrk,
 )
 from bench.relationships import JOURNEY_RULE, FgaProcess
-from bench.workloads import CALLER, ORDERS_BYTES, filtered_orders, orders_document, seed_policy
+from bench.workloads import CALLER, ORDERS_BYTES, TlsFiles, filtered_orders, orders_document, seed_policy
 from extauthz.demo.idp import IdentityProvider
 from extauthz.demo.processes import (
     ENVOY_DIR,
@@ -96,28 +102,6 @@ HTTP_CONFIG = ENVOY_DIR / "envoy-http.yaml"
 # The caller's journey is shared with them through their workspace (two tuples, one computed relation).
 FGA_TUPLES = [[f"user:{CALLER}", "member", "workspace:eng"], ["workspace:eng", "workspace", "journey:roadmap"]]
 
-MEANINGS = {
-    "floor": "trivial grpc.aio ext_authz server (answers OK + one header, reads nothing), shipped ext_authz settings",
-    "floor_uvloop": "the same trivial server on uvloop, the loop extauthz serves on: the floor on equal footing",
-    "envoy": "Envoy alone: the shipped listener and route, no ext_authz, no ext_proc",
-    "envoy_sample_api": "Envoy alone in front of the demo's SampleApi (http.server): shows whether it caps throughput",
-    "jwt_rbac": "Envoy's C++ peer: jwt_authn (local JWKS, same issuer/audience) + RBAC (GET /v1/products*, sub user-*)",
-    "extauthz_authz_only": "extauthz serve, seed policy, shipped envoy.yaml without the ext_proc filter",
-    "extauthz_grpcio": "the same on grpc.aio instead of extauthz's own HTTP/2 server (EXTAUTHZ_GRPC_SERVER=grpcio)",
-    "shipped_unfiltered": "shipped envoy.yaml as is, a route no filter covers (ext_proc skipped by the matcher)",
-    "shipped_filtered_10k": "shipped envoy.yaml, GET /v1/orders: ~10 KB JSON filtered per caller by ext_proc",
-    "relationship_cached": "shipped envoy.yaml, a rule with an OpenFGA condition, answer in the in-process cache",
-    "http_transport": "extauthz serve --http-address behind envoy/envoy-http.yaml (ext_authz over HTTP)",
-    "http_ceiling": "envoy/envoy-http.yaml asking a second Envoy (the sidecar here) that allows every check with "
-                    "extauthz's headers: the most any HTTP ext_authz server can reach on this machine",
-}
-ORDER = ["floor", "floor_uvloop", "envoy", "envoy_sample_api", "jwt_rbac", "extauthz_authz_only", "extauthz_grpcio",
-         "shipped_unfiltered", "shipped_filtered_10k", "relationship_cached", "http_transport",
-         "http_ceiling"]
-# The scenarios that start `extauthz serve` (through `_sidecar`): the ones `--baseline` runs again with the
-# baseline's sidecar. `_sidecar` refuses any other, so a new one cannot be left out of the comparison unnoticed.
-SIDECAR_SCENARIOS = ("extauthz_authz_only", "extauthz_grpcio", "shipped_unfiltered", "shipped_filtered_10k",
-                     "relationship_cached", "http_transport")
 BENCH_REPO = Path(__file__).resolve().parents[1]
 """Where ``--baseline`` resolves its ref: the repository this harness is part of."""
 
@@ -339,6 +323,14 @@ class Shared:
     """A command each scenario's Envoy under test runs under (``bench.envoy_instructions``: callgrind)."""
     baseline: Baseline | None = None
     """Whose sidecar the scenario starts: None for this tree's, else the ``--baseline`` worktree's."""
+    tls: TlsFiles | None = None
+    """The TLS scenarios' certificates (:meth:`TlsFiles.issue`, once per run)."""
+
+    @property
+    def certificates(self) -> TlsFiles:
+        if self.tls is None:
+            self.tls = TlsFiles.issue(self.workdir / "tls")
+        return self.tls
 
 
 @dataclass
@@ -387,15 +379,44 @@ def _envoy(shared: Shared, source: Path, edit: Callable[[dict[str, Any]], None],
                  wrapper=shared.envoy_wrapper), ports.listener
 
 
+class TlsSidecar(SidecarProcess):
+    """``extauthz serve`` on an mTLS listener: ready once gRPC health, asked over mTLS as Envoy asks, says SERVING."""
+
+    def __init__(self, config: Path, port: int, tls: TlsFiles, **kwargs: Any) -> None:
+        super().__init__(config, port, **kwargs)
+        self.tls = tls
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        credentials = grpc.ssl_channel_credentials(self.tls.ca.read_bytes(), self.tls.client_key.read_bytes(),
+                                                   self.tls.client_cert.read_bytes())
+        deadline = time.monotonic() + timeout
+        with grpc.secure_channel(f"localhost:{self.port}", credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(grpc.RpcError):
+                    if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.1)
+        raise TimeoutError(f"sidecar not SERVING over mTLS after {timeout}s; log: {self.log_path}")
+
+
 def _sidecar(shared: Shared, name: str, policy: str, port: int, extra: list[str] | None = None,
-             env: dict[str, str] | None = None) -> SidecarProcess:
+             env: dict[str, str] | None = None, tls: TlsFiles | None = None) -> SidecarProcess:
     if name not in SIDECAR_SCENARIOS:
-        raise AssertionError(f"{name} starts the sidecar but is not in SIDECAR_SCENARIOS: --baseline would skip it")
+        raise AssertionError(f"{name} starts the sidecar but its Scenario does not say sidecar=True: --baseline "
+                             "would skip it")
     if shared.baseline is not None:
         env = {**shared.baseline.env, **(env or {})}
     path = shared.workdir / f"{name}.policy.yaml"
     path.write_text(policy.replace("JWKS_URI", shared.idp.jwks_uri).replace("ISSUER", shared.idp.issuer))
-    return SidecarProcess(path, port, env=env, log_path=shared.workdir / f"{name}.sidecar.log", extra=extra)
+    log_path = shared.workdir / f"{name}.sidecar.log"
+    if tls is not None:
+        return TlsSidecar(path, port, tls, env=env, log_path=log_path, extra=extra)
+    return SidecarProcess(path, port, env=env, log_path=log_path, extra=extra)
 
 
 def _auth_checks(target: Target, shared: Shared) -> None:
@@ -465,9 +486,9 @@ def scenario_floor(shared: Shared, *flags: str) -> Iterator[Target]:
 def _extauthz(shared: Shared, name: str, policy: str, path: str, source: Path = ENVOY_DIR / "envoy.yaml",
               edit: Callable[[dict[str, Any]], None] | None = None, sidecar_extra: list[str] | None = None,
               ports: Ports | None = None, others: dict[str, int] | None = None,
-              sidecar_env: dict[str, str] | None = None) -> Iterator[Target]:
+              sidecar_env: dict[str, str] | None = None, tls: TlsFiles | None = None) -> Iterator[Target]:
     ports = ports or Ports.free()
-    sidecar = _sidecar(shared, name, policy, ports.extauthz, sidecar_extra, sidecar_env)
+    sidecar = _sidecar(shared, name, policy, ports.extauthz, sidecar_extra, sidecar_env, tls)
     envoy, port = _envoy(shared, source, edit or (lambda config: None), name, ports)
     try:
         in_parallel(sidecar.start, envoy.start)
@@ -517,6 +538,63 @@ def scenario_shipped_filtered_10k(shared: Shared) -> Iterator[Target]:
         target.checks.append(f"/v1/orders body filtered: {len(shared.orders):,} bytes upstream -> "
                              f"{len(body):,} to the caller ({len(want['orders'])} of "
                              f"{len(orjson.loads(shared.orders)['orders'])} orders, 4 fields each)")
+        yield target
+
+
+def _with_shadow(shared: Shared, name: str) -> str:
+    """The seed policy naming a candidate beside it (``server.shadow``), the candidate written next to it.
+
+    The candidate is a realistic one: a new deny rule for a path the measured traffic does not reach (a withdrawn
+    product) and a changed orders filter (the amount is no longer shown), so the Checks measured agree and the
+    filtered responses the sample compares differ.
+    """
+    if shared.baseline is not None and not (shared.baseline.tree / "extauthz" / "server" / "shadow.py").exists():
+        raise Skip(f"{shared.baseline.ref} has no shadow policy")
+    candidate = yaml.safe_load(seed_policy())
+    candidate["proxies"][0]["rules"].append({"effect": "deny", "path": {"path": {"pattern": "^/v1/products/2$"}},
+                                              "notes": "product 2 is withdrawn"})
+    retained = candidate["proxies"][0]["filters"][0]["operations"][1]["jsonPath"]
+    retained["pattern"] = retained["pattern"].replace("|amount", "")
+    (shared.workdir / f"{name}.candidate.yaml").write_text(
+        yaml.safe_dump(candidate, sort_keys=False).replace("JWKS_URI", shared.idp.jwks_uri)
+        .replace("ISSUER", shared.idp.issuer))
+    policy = yaml.safe_load(seed_policy())
+    policy["server"] = {"shadow": {"file": f"{name}.candidate.yaml"}}
+    return str(yaml.safe_dump(policy, sort_keys=False))
+
+
+def _shadow_checks(target: Target, shared: Shared, name: str, differences: int) -> None:
+    """The candidate runs and found what it should before anything is measured (its /readyz-like status is in
+    the log: each difference is one line)."""
+    expect(target, 200, shared.token, "/v1/products/2", who="the token (the candidate would deny it)")
+    log = shared.workdir / f"{name}.sidecar.log"
+    deadline = time.monotonic() + 10
+    while log.read_text().count('"shadow_diff"') < differences and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = log.read_text().count('"shadow_diff"')
+    if '"shadow_policy_loaded"' not in log.read_text() or found < differences:
+        raise AssertionError(f"the shadow policy did not run as expected ({found} differences logged)")
+    target.checks.append(f"shadow policy loaded; the Check it decides differently logged ({found})")
+
+
+@contextlib.contextmanager
+def scenario_shipped_shadow(shared: Shared) -> Iterator[Target]:
+    with _extauthz(shared, "shipped_shadow", _with_shadow(shared, "shipped_shadow"), "/v1/products/1") as target:
+        _auth_checks(target, shared)
+        _shadow_checks(target, shared, "shipped_shadow", 1)
+        yield target
+
+
+@contextlib.contextmanager
+def scenario_shipped_filtered_shadow(shared: Shared) -> Iterator[Target]:
+    name = "shipped_filtered_shadow"
+    with _extauthz(shared, name, _with_shadow(shared, name), "/v1/orders") as target:
+        _auth_checks(target, shared)
+        body = expect(target, 200, shared.token)
+        if orjson.loads(body) != filtered_orders(orjson.loads(shared.orders)):
+            raise AssertionError(f"/v1/orders not filtered by the active policy: {body[:300]!r}")
+        target.checks.append("/v1/orders filtered by the active policy (the amount shown)")
+        _shadow_checks(target, shared, name, 1)
         yield target
 
 
@@ -577,20 +655,158 @@ def scenario_floor_uvloop(shared: Shared) -> contextlib.AbstractContextManager[T
     return scenario_floor(shared, "--uvloop")
 
 
-SCENARIOS: dict[str, Callable[[Shared], contextlib.AbstractContextManager[Target]]] = {
-    "floor": scenario_floor,
-    "floor_uvloop": scenario_floor_uvloop,
-    "envoy": scenario_envoy,
-    "envoy_sample_api": scenario_envoy_sample_api,
-    "jwt_rbac": scenario_jwt_rbac,
-    "extauthz_authz_only": scenario_extauthz_authz_only,
-    "extauthz_grpcio": scenario_extauthz_grpcio,
-    "shipped_unfiltered": scenario_shipped_unfiltered,
-    "shipped_filtered_10k": scenario_shipped_filtered_10k,
-    "relationship_cached": scenario_relationship_cached,
-    "http_transport": scenario_http_transport,
-    "http_ceiling": scenario_http_ceiling,
+# --- over TLS: a shared extauthz Deployment that Envoy reaches over the network ---------------------------
+
+
+def upstream_tls(tls: TlsFiles, cluster: str = "extauthz") -> Callable[[dict[str, Any]], None]:
+    """Envoy reaches ``cluster`` over mTLS: TLS 1.2-1.3 (Envoy's upstream default stops at 1.2), ALPN h2 only,
+    the server's certificate checked against the CA and its name, Envoy's client certificate presented."""
+    def edit(config: dict[str, Any]) -> None:
+        target = next(c for c in config["static_resources"]["clusters"] if c["name"] == cluster)
+        target["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "localhost",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2",
+                                   "tls_maximum_protocol_version": "TLSv1_3"},
+                    "tls_certificates": [{"certificate_chain": {"filename": str(tls.client_cert)},
+                                          "private_key": {"filename": str(tls.client_key)}}],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(tls.ca)},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
+                    },
+                },
+            },
+        }
+    return edit
+
+
+def _over_tls(target: Target) -> None:
+    """Envoy's own counters say its Checks went over TLS 1.3 to a server that accepted its client certificate."""
+    stats = target.envoy.stats()
+    handshakes = stats.get("cluster.extauthz.ssl.handshake", 0)
+    if not handshakes or stats.get("cluster.extauthz.ssl.versions.TLSv1.3", 0) != handshakes:
+        raise AssertionError(f"Envoy's extauthz cluster did not reach it over TLS 1.3: "
+                             f"{ {k: v for k, v in stats.items() if k.startswith('cluster.extauthz.ssl')} }")
+    target.checks.append("Envoy's Checks over mTLS 1.3, ALPN h2 (its cluster's ssl counters)")
+
+
+@contextlib.contextmanager
+def scenario_floor_tls(shared: Shared) -> Iterator[Target]:
+    tls = shared.certificates
+    with started("bench.floor_authz", "--tls", str(tls.directory), log=shared.workdir / "floor_tls.log") as floor:
+        ports = Ports.free()
+        ports.extauthz = floor.port
+        envoy, port = _envoy(shared, ENVOY_DIR / "envoy.yaml", chain(without_ext_proc, upstream_tls(tls)),
+                             "floor_tls", ports)
+        envoy.start()
+        try:
+            target = Target(envoy, port, "/v1/products/1", sidecar=floor.pid,
+                            others={"upstream": shared.upstream.pid})
+            expect(target, 200, shared.token)
+            _over_tls(target)
+            yield target
+        finally:
+            envoy.stop()
+
+
+@contextlib.contextmanager
+def _extauthz_tls(shared: Shared, name: str, server: str) -> Iterator[Target]:
+    tls = shared.certificates
+    with _extauthz(shared, name, seed_policy(tls=tls), "/v1/products/1",
+                   edit=chain(without_ext_proc, upstream_tls(tls)), tls=tls,
+                   sidecar_env={GRPC_SERVER_ENV: "grpcio"} if server == "grpcio" else None) as target:
+        _auth_checks(target, shared)
+        _over_tls(target)
+        lines = (shared.workdir / f"{name}.sidecar.log").read_text().splitlines()
+        listening: dict[str, Any] = next((json.loads(line) for line in lines if '"listening"' in line), {})
+        if (listening.get("tls"), listening.get("grpc_server")) != ("mtls", server):
+            raise AssertionError(f"the sidecar does not say it serves mTLS on {server}: {listening}")
+        target.checks.append(f"its listening line: mTLS, served by {'grpc.aio' if server == 'grpcio' else 'lean'}")
+        yield target
+
+
+def scenario_extauthz_tls(shared: Shared) -> contextlib.AbstractContextManager[Target]:
+    return _extauthz_tls(shared, "extauthz_tls", "lean")
+
+
+def scenario_extauthz_tls_grpcio(shared: Shared) -> contextlib.AbstractContextManager[Target]:
+    return _extauthz_tls(shared, "extauthz_tls_grpcio", "grpcio")
+
+
+# --- the scenarios ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the benchmark. To add one: a function that starts it and yields its verified :class:`Target`
+    (see those above), and a line in :data:`TABLE`."""
+
+    start: Callable[[Shared], contextlib.AbstractContextManager[Target]]
+    meaning: str
+    sidecar: bool = False
+    """It starts ``extauthz serve`` (through ``_sidecar``): ``--baseline`` runs it again with the baseline's."""
+    reference: str = ""
+    """A scenario it is compared with besides the floor (its own kind's floor: TLS against the TLS floor), from
+    the same round; ``--only`` runs the reference too, and the table keeps it before this one."""
+
+
+TABLE: dict[str, Scenario] = {  # in the order they run
+    "floor": Scenario(scenario_floor, "trivial grpc.aio ext_authz server (answers OK + one header, reads "
+                      "nothing), shipped ext_authz settings"),
+    "floor_uvloop": Scenario(scenario_floor_uvloop, "the same trivial server on uvloop, the loop extauthz serves "
+                             "on: the floor on equal footing"),
+    "envoy": Scenario(scenario_envoy, "Envoy alone: the shipped listener and route, no ext_authz, no ext_proc"),
+    "envoy_sample_api": Scenario(scenario_envoy_sample_api, "Envoy alone in front of the demo's SampleApi "
+                                 "(http.server): shows whether it caps throughput"),
+    "jwt_rbac": Scenario(scenario_jwt_rbac, "Envoy's C++ peer: jwt_authn (local JWKS, same issuer/audience) + RBAC "
+                         "(GET /v1/products*, sub user-*)"),
+    "extauthz_authz_only": Scenario(scenario_extauthz_authz_only, "extauthz serve, seed policy, shipped envoy.yaml "
+                                    "without the ext_proc filter", sidecar=True),
+    "extauthz_grpcio": Scenario(scenario_extauthz_grpcio, "the same on grpc.aio instead of extauthz's own HTTP/2 "
+                                "server (EXTAUTHZ_GRPC_SERVER=grpcio)", sidecar=True),
+    "floor_tls": Scenario(scenario_floor_tls, "the trivial grpc.aio server on mTLS (gRPC core's TLS), Envoy's "
+                          "extauthz cluster over mTLS 1.3 with ALPN h2: the floor of a shared Deployment"),
+    "extauthz_tls": Scenario(scenario_extauthz_tls, "extauthz_authz_only on mTLS (server.tls with a client CA, its "
+                             "own HTTP/2 server on asyncio's TLS), Envoy's cluster as in floor_tls", sidecar=True,
+                             reference="floor_tls"),
+    "extauthz_tls_grpcio": Scenario(scenario_extauthz_tls_grpcio, "the same on grpc.aio's TLS "
+                                    "(EXTAUTHZ_GRPC_SERVER=grpcio)", sidecar=True, reference="floor_tls"),
+    "shipped_unfiltered": Scenario(scenario_shipped_unfiltered, "shipped envoy.yaml as is, a route no filter covers "
+                                   "(ext_proc skipped by the matcher)", sidecar=True),
+    "shipped_shadow": Scenario(scenario_shipped_shadow, "shipped_unfiltered with a shadow policy (server.shadow): "
+                               "every Check decided again by a candidate after its answer", sidecar=True,
+                               reference="shipped_unfiltered"),
+    "shipped_filtered_10k": Scenario(scenario_shipped_filtered_10k, "shipped envoy.yaml, GET /v1/orders: ~10 KB "
+                                     "JSON filtered per caller by ext_proc", sidecar=True),
+    "shipped_filtered_shadow": Scenario(scenario_shipped_filtered_shadow, "shipped_filtered_10k with the same "
+                                        "shadow policy: a tenth of the filtered bodies also filtered by the "
+                                        "candidate's changed filter", sidecar=True,
+                                        reference="shipped_filtered_10k"),
+    "relationship_cached": Scenario(scenario_relationship_cached, "shipped envoy.yaml, a rule with an OpenFGA "
+                                    "condition, answer in the in-process cache", sidecar=True),
+    "http_transport": Scenario(scenario_http_transport, "extauthz serve --http-address behind "
+                               "envoy/envoy-http.yaml (ext_authz over HTTP)", sidecar=True),
+    "http_ceiling": Scenario(scenario_http_ceiling, "envoy/envoy-http.yaml asking a second Envoy (the sidecar "
+                             "here) that allows every check with extauthz's headers: the most any HTTP ext_authz "
+                             "server can reach on this machine"),
 }
+ORDER = list(TABLE)
+MEANINGS = {name: scenario.meaning for name, scenario in TABLE.items()}
+SCENARIOS = {name: scenario.start for name, scenario in TABLE.items()}
+SIDECAR_SCENARIOS = tuple(name for name, scenario in TABLE.items() if scenario.sidecar)
+"""The scenarios that start ``extauthz serve``: the ones ``--baseline`` runs again with the baseline's sidecar.
+``_sidecar`` refuses any other, so a new one cannot be left out of the comparison unnoticed."""
+
+
+def sequence_for(wanted: list[str]) -> list[str]:
+    """The scenarios to run in a round, in :data:`TABLE`'s order: those wanted and their references (the floor
+    runs around every round anyway)."""
+    needed = set(wanted) | {TABLE[n].reference for n in wanted if TABLE[n].reference}
+    return [n for n in ORDER if n in needed and n != "floor"]
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -946,6 +1162,58 @@ def pairs_table(found: list[Pair], rounds: int) -> list[list[str]]:
             for p in found]
 
 
+@dataclass
+class Versus:
+    """A scenario against its :attr:`Scenario.reference` (TLS against the TLS floor), round by round.
+
+    The reference runs in every round just before it, so each round's ratio
+    compares two runs made moments apart; the figure is the median of those
+    ratios. Above 1 for req/s and below 1 for sidecar CPU: the scenario does
+    better than its reference.
+    """
+
+    scenario: str
+    reference: str
+    rps_ratio: float | None = None
+    sidecar_cpu_ratio: float | None = None
+    rps_ratio_by_round: list[float | None] = field(default_factory=list)
+    sidecar_cpu_ratio_by_round: list[float | None] = field(default_factory=list)
+
+
+def versus(runs: list[Row]) -> list[Versus]:
+    out = []
+    for name in dict.fromkeys(r.scenario for r in runs):
+        scenario = TABLE.get(name.partition("@")[0])
+        if scenario is None or not scenario.reference:
+            continue
+        found = Versus(name, scenario.reference)
+        for run in (r for r in runs if r.scenario == name):
+            reference = next((r for r in runs if r.scenario == scenario.reference and r.round == run.round), None)
+            rps = cpu = None
+            if reference is not None and run.requests and reference.requests and not (run.failed or reference.failed):
+                rps = run.rps / reference.rps
+                if run.sidecar_cpu_us is not None and reference.sidecar_cpu_us:
+                    cpu = run.sidecar_cpu_us / reference.sidecar_cpu_us
+            found.rps_ratio_by_round.append(rps)
+            found.sidecar_cpu_ratio_by_round.append(cpu)
+        found.rps_ratio = _median(found.rps_ratio_by_round)
+        found.sidecar_cpu_ratio = _median(found.sidecar_cpu_ratio_by_round)
+        out.append(found)
+    return out
+
+
+def versus_headers(rounds: int) -> list[str]:
+    headers = ["scenario", "against", "req/s ÷ it", "sidecar CPU/req ÷ it"]
+    return headers + (["req/s ÷ it, by round", "sidecar CPU/req ÷ it, by round"] if rounds > 1 else [])
+
+
+def versus_table(found: list[Versus], rounds: int) -> list[list[str]]:
+    return [[v.scenario, v.reference, _f(v.rps_ratio, ".2f"), _f(v.sidecar_cpu_ratio, ".2f"),
+             *(["  ".join(_f(x, ".2f") for x in v.rps_ratio_by_round),
+                "  ".join(_f(x, ".2f") for x in v.sidecar_cpu_ratio_by_round)] if rounds > 1 else [])]
+            for v in found]
+
+
 # --- reporting ---------------------------------------------------------------------------------------------
 
 
@@ -1004,6 +1272,11 @@ def markdown(rows: list[Row], runs: list[Row], facts: dict[str, str], notes: lis
     if args.rounds > 1:
         out += ["", "Each round's ratios, to the floor runs before and after that round:", ""]
         out += _markdown_table(ROUNDS_HEADERS, rounds_table(runs))
+    if against := versus(runs):
+        out += ["", "Against their own kind's floor (run just before them in every round: TLS against the trivial "
+                    "server on TLS)" + (", the median over the rounds of each round's ratio, and each round's"
+                                        if args.rounds > 1 else "") + ":", ""]
+        out += _markdown_table(versus_headers(args.rounds), versus_table(against, args.rounds))
     if found := pairs(runs):
         out += ["", f"The current sidecar against `{args.baseline}`'s, scenario by scenario (each baseline row ran "
                     "right after its current one)" + (": the median over the rounds of each round's ratio, and "
@@ -1095,7 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(ORDER)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    sequence = [n for n in ORDER if n in wanted and n != "floor"]
+    sequence = sequence_for(wanted)
     commit = short = ""
     if args.baseline is not None:
         if not any(n in SIDECAR_SCENARIOS for n in sequence):
@@ -1151,8 +1424,9 @@ def main(argv: list[str] | None = None) -> int:
         update_docs(report)
     chart(rows, args.results_dir / "compare.png", f"{command} - {facts['date']} - {facts['cpu']}, "
           f"{facts['cores']} cores, Envoy {facts['envoy']}", found)
+    against = versus(runs)
     document: dict[str, Any] = {"facts": facts, "notes": notes, "rows": [asdict(r) for r in rows],
-                                "runs": [asdict(r) for r in runs]}
+                                "runs": [asdict(r) for r in runs], "versus": [asdict(v) for v in against]}
     if baseline is not None:
         document["baseline"] = {**asdict(baseline), "tree": str(baseline.tree), "pairs": [asdict(p) for p in found]}
     (args.results_dir / "compare.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -1162,6 +1436,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text_table(HEADERS, table_rows(rows)))
         if args.rounds > 1:
             print(text_table(ROUNDS_HEADERS, rounds_table(runs)))
+        if against:
+            print(text_table(versus_headers(args.rounds), versus_table(against, args.rounds)))
         if found:
             print(text_table(pairs_headers(args.rounds), pairs_table(found, args.rounds)))
         for note in notes:

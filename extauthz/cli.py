@@ -1,4 +1,4 @@
-"""The ``extauthz`` command: serve, validate, explain, test, demo (and demo-idp, demo-api).
+"""The ``extauthz`` command: serve, validate, explain, test, diff, demo (and demo-idp, demo-api).
 
 Every mistake an operator can make gets one line on stderr that names the
 file, address or argument, and an exit code of its own (see :class:`Exit`), so
@@ -44,8 +44,8 @@ class Exit(IntEnum):
 
 EXIT_CODES = """exit codes:
   0  success
-  1  validate: a policy has errors; test: a test failed
-  2  bad command-line arguments
+  1  validate: a policy has errors; test: a test failed; diff: the policies differ
+  2  bad command-line arguments; test, diff: a test file or policy is invalid
   3  the policy is invalid (each error as file:line: field: message)
   4  a file cannot be read (the policy, or a file it names)
   5  an address cannot be listened on (in use, not local, malformed)
@@ -257,10 +257,43 @@ def _test(args: argparse.Namespace) -> int:
     status = 0
     for file in args.files:
         text, code = asyncio.run(run_file(Path(file), Path(args.policy) if args.policy else None,
-                                          args.run or "", args.verbose))
+                                          args.run or "", args.verbose,
+                                          Path(args.against) if args.against else None))
         print(text, file=sys.stdout if code != 2 else sys.stderr)
         status = max(status, code)
     return status
+
+
+def _diff(args: argparse.Namespace) -> int:
+    """Exit codes as diff(1)'s: 0 the same, 1 different, 2 invalid input (every issue printed, all at once)."""
+    from extauthz.policy.errors import Issue
+    from extauthz.toolbox.diff import INVALID, CaseError, compare, load_policies
+    from extauthz.toolbox.testing import Suite, load_suite
+
+    _quiet_logs()
+    old_file, new_file = Path(args.old), Path(args.new)
+    issues: list[Issue] = []
+    suites: list[Suite] = []
+    for file in args.tests or ():
+        try:
+            suites.append(load_suite(Path(file), old_file))  # the file's own `policy:` is not what is compared
+        except PolicyError as exc:
+            issues.extend(exc.issues)
+    try:
+        old, new = load_policies(old_file, new_file)
+    except PolicyError as exc:
+        issues.extend(exc.issues)
+    if issues:
+        print("\n".join(map(str, issues)), file=sys.stderr)
+        return INVALID
+    try:
+        result = asyncio.run(compare(old, new, suites if args.tests else None))
+    except CaseError as exc:  # the test file does not fit OLD, as `extauthz test` would say
+        print(f"{exc.file}:{exc.case.line}: test {exc.case.name!r} cannot run against {old_file}: {exc.reason}",
+              file=sys.stderr)
+        return INVALID
+    print(json.dumps(result.as_json(), indent=2) if args.json else result.render())
+    return result.status
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -377,7 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--policy", help="test this policy file instead of the one each test file names")
     test.add_argument("--run", metavar="REGEX", help="only the tests whose name matches")
     test.add_argument("-v", "--verbose", action="store_true", help="show the rule trace of passing tests too")
+    test.add_argument("--against", metavar="OTHER_POLICY",
+                      help="also decide every test with this policy and list the tests whose decision differs "
+                           "(expectations are checked against the tested policy only)")
     test.set_defaults(func=_test)
+
+    diff = commands.add_parser(
+        "diff", help="compare two policies: what changed, and which test decisions change; exit 1 if they differ",
+        usage="extauthz diff OLD NEW [--tests FILE ...] [--json]",  # the files first: --tests takes every name after it
+        description="Compare two policy files, each loaded with the checks `extauthz serve` applies. Without "
+                    "--tests: what changed, per proxy (rules, filters, public paths by content), provider and "
+                    "backend; secrets are never printed. With --tests: decide every case of the test files "
+                    "(the `extauthz test` format; their `policy:` is ignored) with both policies and list the "
+                    "cases whose decision changes, with both rule traces. Relationship answers scripted for a "
+                    "rule index apply to that index in both policies.",
+        epilog="exit codes: 0 no difference, 1 differences (with --tests: some case's decision changes), "
+               "2 an invalid policy or test file (each issue as file:line: field: message)",
+    )
+    diff.add_argument("old", metavar="OLD", help="the policy in use (YAML or JSON)")
+    diff.add_argument("new", metavar="NEW", help="the candidate policy")
+    diff.add_argument("--tests", nargs="+", action="extend", metavar="FILE",
+                      help="test files whose cases both policies decide")
+    diff.add_argument("--json", action="store_true", help="print the comparison as JSON (for CI)")
+    diff.set_defaults(func=_diff)
 
     demo = commands.add_parser(
         "demo", help="run Envoy + extauthz + a sample app on the sample policy",

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def run_eagerly(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -25,20 +27,28 @@ def run_eagerly(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | No
     An exception it raises before waiting propagates to the caller, as a task's
     would to whoever awaits it.
     """
+    result = run_for_value(coroutine)
+    return result if isinstance(result, asyncio.Task) else None
+
+
+def run_for_value(coroutine: Coroutine[Any, Any, T]) -> T | asyncio.Task[T]:
+    """:func:`run_eagerly` for a coroutine whose value is wanted: the value if it ended without waiting, else
+    the task that goes on from its first wait (``T`` must not itself be a task)."""
     try:
         waiting_for = coroutine.send(None)
-    except StopIteration:
-        return None
+    except StopIteration as done:
+        value: T = done.value
+        return value
     return asyncio.get_running_loop().create_task(_resumed(coroutine, waiting_for))
 
 
 @types.coroutine
-def _resumed(started: Coroutine[Any, Any, None], waiting_for: Any) -> Generator[Any, Any, None]:
+def _resumed(started: Coroutine[Any, Any, T], waiting_for: Any) -> Generator[Any, Any, T]:
     """The rest of a coroutine already run up to its first wait, driven as ``await`` would drive it.
 
     What the started coroutine waits for is handed to the task running this
     one; the task's answer (a value, or an exception such as a cancellation)
-    goes back in, until the coroutine returns.
+    goes back in, until the coroutine returns its value.
     """
     while True:
         try:
@@ -46,13 +56,15 @@ def _resumed(started: Coroutine[Any, Any, None], waiting_for: Any) -> Generator[
         except BaseException as exc:  # noqa: BLE001 - relayed, not handled: the coroutine decides
             try:
                 waiting_for = started.throw(exc)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                value: T = done.value
+                return value
         else:
             try:
                 waiting_for = started.send(answer)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                value = done.value
+                return value
 
 
 async def in_task() -> None:

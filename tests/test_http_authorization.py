@@ -43,7 +43,7 @@ from extauthz.observability.metrics import REGISTRY
 from extauthz.policy.loader import parse_policy
 from extauthz.server import authorization as grpc_adapter
 from extauthz.server import http_authorization
-from extauthz.server.handoff_header import HANDOFF_HEADER, decode_handoff, encode_handoff
+from extauthz.server.handoff_header import HANDOFF_HEADER, RECORD_HEADER, decode_handoff, encode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE
 from extauthz.server.http1 import MAX_HEAD_BYTES, MAX_HEADERS, HeadError, parse_head
 from extauthz.server.http_authorization import (
@@ -248,7 +248,10 @@ def test_a_denial_is_the_same_status_headers_and_body_as_over_grpc(decision: Dec
     assert answer.status == denied.status.code
     assert answer.body == denied.body.encode()
     grpc_headers = {h.header.key: h.header.value for h in denied.headers}
-    assert {k: v for k, v in answer.headers.items() if k != "content-length"} == grpc_headers
+    assert {k: v for k, v in answer.headers.items() if k not in ("content-length", RECORD_HEADER)} == grpc_headers
+    # The Check record: a header here (Envoy copies it into metadata), dynamic metadata over gRPC; the same value.
+    record = grpc_adapter.to_response(decision).dynamic_metadata.fields[RECORD_HEADER].string_value
+    assert answer.headers[RECORD_HEADER] == record
     assert answer.headers["content-length"] == str(len(answer.body))
 
 

@@ -1,4 +1,8 @@
-"""Listener security: mTLS with real Envoy as the client, certificate rotation, Unix sockets."""
+"""Listener security: mTLS with real Envoy as the client, certificate rotation, Unix sockets.
+
+The TLS listener is the sidecar's own HTTP/2 server unless ``EXTAUTHZ_GRPC_SERVER=grpcio``
+(tests/test_tls_lean.py has its limits; tests/e2e/test_tls_envoy.py the shared-service setup).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from tests.e2e.ops_stack import kubelet_layout, kubelet_update, ops_stack
+from extauthz.server.app import GRPC_SERVER_ENV
+from tests.e2e.ops_stack import kubelet_layout, kubelet_update, ops_stack, wait_until
 
 POLICY = """providers:
   - {name: idp, issuer: ISSUER, jwksUri: JWKS_URI, audiences: [orders-api]}
@@ -165,7 +170,11 @@ def test_mtls_envoy_with_a_client_certificate_gets_answers_others_are_refused(tm
             assert check(channel).denied_response.status.code == 401  # answered: no token, so 401
 
 
-def test_rotated_certificates_are_served_without_restart_and_a_broken_rotation_is_ignored(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["lean", "grpcio"])
+def test_rotated_certificates_are_served_without_restart_and_a_broken_rotation_is_ignored(
+        tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on the sidecar's own server (the default) and on grpc.aio (``EXTAUTHZ_GRPC_SERVER=grpcio``)."""
+    monkeypatch.setenv(GRPC_SERVER_ENV, server)
     ca = CertificateAuthority("extauthz test CA")
     first, client = ca.issue("extauthz", server=True), ca.issue("envoy", server=False)
     (tmp_path / "client.crt").write_bytes(client.cert)
@@ -173,6 +182,8 @@ def test_rotated_certificates_are_served_without_restart_and_a_broken_rotation_i
     mount = tmp_path / "tls"
     kubelet_layout(mount, tls_files(ca, first))
     with ops_stack(tmp_path, POLICY + TLS_BLOCK.format(tls=mount), with_envoy=False) as stack:
+        wait_until(lambda: any(e.get("event") == "listening" for e in stack.logs()), "the listening line")
+        assert next(e for e in stack.logs() if e.get("event") == "listening")["grpc_server"] == server
         port = stack.ports.extauthz
         assert served_serial(port, ca, client, tmp_path) == first.serial
 

@@ -11,10 +11,12 @@ This module knows nothing about gRPC or protobuf: the ext_authz servicer, the CL
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
+
+import structlog
 
 from extauthz.core.claims import ANONYMOUS, Claims
 from extauthz.core.decision import Code, Decision, Mutations, new_decision_id
@@ -31,18 +33,77 @@ from extauthz.policy.model import Effect, Mode, Policy, Proxy
 from extauthz.policy.patterns import MAX_VALUE_LENGTH
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+_NO_MUTATIONS = Mutations()
+FILTERED: Mapping[str, Any] = MappingProxyType({"filtered": True})
+"""A judging authorizer's metadata where a response filter applies and no sample of the hand-off was asked for."""
 _NO_VALUES: Mapping[str, str] = MappingProxyType({})
+
+log = structlog.get_logger("extauthz.authz")
+
+
+class AuthorizationHeaderWatch:
+    """Says once when Envoy seems to send the sidecar no ``authorization`` header at all.
+
+    Envoy's ``allowed_headers`` (Envoy Gateway's ``headersToExtAuth``, Istio's
+    ``includeRequestHeadersInCheck``) is a list of what reaches the Check: set
+    without ``authorization``, every Check lacks the token and answers 401, and
+    nothing else says why. After :data:`THRESHOLD` Checks whose proxy reads a
+    token from that header arrived without it, and none with it, one warning
+    names the setting. A Check that carries the header ends the watch.
+    """
+
+    THRESHOLD = 20
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.missing = 0
+
+    @property
+    def said(self) -> bool:
+        """The warning was logged and no Check has carried the header since."""
+        return not self.seen and self.missing >= self.THRESHOLD
+
+    def saw(self, headers: Mapping[str, str]) -> None:
+        if "authorization" in headers:
+            self.seen = True
+
+    def missed(self, expected: frozenset[str], headers: Mapping[str, str]) -> None:
+        if self.seen or "authorization" not in expected:
+            return
+        if "authorization" in headers:
+            self.seen = True
+            return
+        self.missing += 1
+        if self.missing == self.THRESHOLD:
+            log.warning("authorization_header_not_forwarded", checks=self.missing,
+                        setting="ext_authz allowed_headers (gRPC) / http_service.authorization_request."
+                                "allowed_headers must include authorization",
+                        gateway_setting="SecurityPolicy extAuth.headersToExtAuth must include authorization",
+                        hint="no Check so far carried an authorization header though the policy reads tokens "
+                             "from it: every such Check answers 401")
+
+
+authorization_header = AuthorizationHeaderWatch()
 
 
 def select_proxy(policy: Policy, request: HttpRequest) -> Proxy | None:
-    """Envoy's per-route ``context_extensions[proxy]``, else the host, else the default.
+    """The proxy that decides: named by the route, else by the host, else the default.
 
-    Hosts compare after normalisation (case, port, trailing dot), so
-    ``ADMIN.example.test.:443`` picks the same proxy as ``admin.example.test``.
+    In this order (docs/policy.md): Envoy's per-route ``context_extensions``
+    ``proxy`` (also what an Envoy Gateway SecurityPolicy's ``contextExtensions``
+    sets), then the route's metadata (``extauthz.proxy``, or an Envoy Gateway
+    route's ``gateway.envoyproxy.io/extauthz-proxy`` annotation), then the host
+    (``:authority``), then the proxy marked ``default`` (or the only one). A
+    route that names a proxy the policy lacks never falls back: its Checks
+    deny. Hosts compare after normalisation (case, port, trailing dot), so
+    ``ADMIN.example.test.:443`` picks the same proxy as ``admin.example.test``;
+    the loader refuses a host two proxies claim, and two defaults.
     """
     named = request.context.get("proxy")
     if named:
         return policy.proxy_named(named)  # a named but unknown proxy never falls back
+    if request.route_proxy is not None:
+        return policy.proxy_named(request.route_proxy)
     host = request.host_name
     for proxy in policy.proxies:
         if host and host in proxy.hosts:
@@ -82,6 +143,15 @@ class _ProxyFacts:
                    MappingProxyType(reasons))
 
 
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """Claims verified for one request, and the proxies (of the policy deciding again) they hold for: those
+    that find the same token (the same token sources) and trust its provider, declared identically."""
+
+    claims: Claims
+    proxies: frozenset[str]
+
+
 @dataclass(frozen=True)
 class _Check:
     """One request admitted to the pipeline: its readings, decision id and the proxy that decides."""
@@ -96,23 +166,49 @@ class _Check:
 class Authorizer:
     def __init__(
         self, policy: Policy, verifier: TokenVerifier,
-        relationships: RelationshipResolver | None = None,
+        relationships: RelationshipResolver | None = None, *,
+        judge_only: Callable[[], bool] | None = None,
     ) -> None:
+        """``judge_only``: this authorizer's answers never reach Envoy (a shadow policy's), so its allows skip
+        the upstream mutations and the encoded hand-off: where a filter applies they carry :data:`FILTERED`,
+        or the hand-off's plain fields when ``judge_only()`` asks for a sample of the response phase."""
         self.policy = policy
         self.verifier = verifier
         self.relationships = relationships or NoRelationships()
+        self._judge_only = judge_only
         self._facts: Mapping[str, _ProxyFacts] = {p.name: _ProxyFacts.of(policy, p) for p in policy.proxies}
+        self.observer: Callable[[HttpRequest, Decision], None] | None = None
+        """Sees every serving decision before it is answered (the shadow policy schedules its own check)."""
 
     async def check(self, request: HttpRequest, explain: bool = False) -> Decision:
         """Decide one request; the decision names this authorizer's policy digest.
 
         With ``explain`` the decision carries every rule's outcome and reason
-        (``extauthz explain``); serving traffic skips formatting them.
+        (``extauthz explain``); serving traffic skips formatting them. Once
+        decided, a serving decision is shown to :attr:`observer` (the shadow
+        policy), which must not block: the answer has not been sent yet.
         """
-        check = self._admit(request, new_decision_id())
+        decision = await self._decide(request, explain, new_decision_id())
+        if self.observer is not None and not explain:
+            self.observer(request, decision)
+        return decision
+
+    def judge(self, request: HttpRequest, decision_id: str, verified: Verified | None = None,
+              ) -> Coroutine[Any, Any, Decision]:
+        """Decide ``request`` again, as the decision ``decision_id`` (a shadow policy beside the active one).
+
+        ``verified``: the claims the active policy verified for this request,
+        used as they are by a proxy whose token sources and trusted providers
+        they were verified under (no second token lookup or verification).
+        """
+        return self._decide(request, False, decision_id, verified)
+
+    async def _decide(self, request: HttpRequest, explain: bool, decision_id: str,
+                      verified: Verified | None = None) -> Decision:
+        check = self._admit(request, decision_id)
         if isinstance(check, Decision):
             return check
-        identity = await self._identify(check)
+        identity = await self._identify(check, verified)
         if isinstance(identity, Decision):
             return identity
         claims, found = identity
@@ -129,7 +225,8 @@ class Authorizer:
         proxy = select_proxy(self.policy, request)
         if proxy is None:
             return Decision(False, 403, Code.NO_POLICY, "no proxy matches this request "
-                            f"(context proxy={request.context.get('proxy')!r}, host={request.host!r})",
+                            f"(context proxy={request.context.get('proxy')!r}, route proxy={request.route_proxy!r}, "
+                            f"host={request.host!r})",
                             decision_id, policy=self.policy.digest)
         views = request.views
         if views is None:
@@ -146,22 +243,28 @@ class Authorizer:
                                 policy=self.policy.digest)
         return _Check(request, views, decision_id, proxy, facts)
 
-    async def _identify(self, check: _Check) -> tuple[Claims, FoundToken] | Decision:
+    async def _identify(self, check: _Check, verified: Verified | None = None,
+                        ) -> tuple[Claims, FoundToken | None] | Decision:
         """Identity: a public path (anonymous, but the sidecar's headers still enforced) or a verified token."""
         proxy = check.proxy
         for public in proxy.public_paths:
             if all((public.methods is None or method_matches(public.methods, v.method)) and public.path.search(v.path)
                    for v in check.views):
                 return self._allow(check, ANONYMOUS, None, f"public path {public.path.source!r}", forward_token=True)
+        if verified is not None and proxy.name in verified.proxies:
+            return verified.claims, None
         found = find_token(check.request, check.facts.stripping.sources)
         if found is None:
+            authorization_header.missed(check.facts.stripping.token_headers, check.request.headers)
             return self._unauthenticated(check, TokenError(Code.TOKEN_MISSING, "no token in request"))
+        if not authorization_header.seen:
+            authorization_header.saw(check.request.headers)
         try:
             return await self.verifier.verify(found.token, proxy.providers), found
         except TokenError as error:
             return self._unauthenticated(check, error)
 
-    def _respond(self, check: _Check, claims: Claims, found: FoundToken, verdict: Verdict) -> Decision:
+    def _respond(self, check: _Check, claims: Claims, found: FoundToken | None, verdict: Verdict) -> Decision:
         """Response: the verdict as Envoy's answer (a monitored deny is an allow that says so)."""
         proxy, rule = check.proxy, verdict.rule
         why = check.facts.reasons[rule.index if rule else None]
@@ -182,9 +285,14 @@ class Authorizer:
         if proxy.filters and (not check.facts.static_scopes or any(
                 request_in_scope(f, *self._scope(check), _NO_VALUES) for f in proxy.filters)):
             # A filter may apply: the response phase needs the hand-off. Otherwise Envoy skips it (no metadata).
+            sample = self._judge_only
+            if sample is not None and check.facts.static_scopes:  # judging: in scope is all there is to know
+                return self._judged(check, claims, why, verdict, sample)
             handoff = self._handoff(check, claims)
             filtered = any(request_in_scope(f, handoff.methods, handoff.paths, handoff.filter_values[f.index])
                            for f in proxy.filters)
+            if filtered and sample is not None:
+                return self._judged(check, claims, why, verdict, sample, handoff)
             if filtered:
                 encoded = handoff.encoded()
                 if encoded is None:
@@ -196,12 +304,24 @@ class Authorizer:
                                     f"{len(handoff.paths)} readings)", check.decision_id, proxy.name,
                                     verdict.rule if verdict else None, claims, policy=self.policy.digest)
                 metadata = encoded
-        mutations = upstream_mutations(check.request, claims, found, forward_token, check.facts.stripping, filtered)
+        mutations = (upstream_mutations(check.request, claims, found, forward_token, check.facts.stripping, filtered)
+                     if self._judge_only is None else _NO_MUTATIONS)
         monitored = verdict is not None and verdict.effect is Effect.DENY
         return Decision(True, 200, Code.WOULD_DENY if monitored else Code.ALLOWED, why, check.decision_id,
                         proxy.name, verdict.rule if verdict else None, claims, mutations,
                         metadata=metadata, monitored=monitored,
                         trace=verdict.trace if verdict else (), policy=self.policy.digest)
+
+    def _judged(self, check: _Check, claims: Claims, why: str, verdict: Verdict | None,
+                sample: Callable[[], bool], handoff: Handoff | None = None) -> Decision:
+        """A judging authorizer's allow where a filter applies: the hand-off's fields only if sampled."""
+        metadata = FILTERED
+        if sample():
+            metadata = (handoff or self._handoff(check, claims)).to_metadata()
+        monitored = verdict is not None and verdict.effect is Effect.DENY
+        return Decision(True, 200, Code.WOULD_DENY if monitored else Code.ALLOWED, why, check.decision_id,
+                        check.proxy.name, verdict.rule if verdict else None, claims, metadata=metadata,
+                        monitored=monitored, policy=self.policy.digest)
 
     @staticmethod
     def _scope(check: _Check) -> tuple[tuple[str, ...], tuple[str, ...]]:

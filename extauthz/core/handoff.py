@@ -20,6 +20,15 @@ from another in a few characters: a trailing slash, a decoded ``%20``, a cut
 ``;jsessionid``). A filter's values equal to an earlier filter's travel as that
 filter's index. The encoded hand-off has a bound (:data:`MAX_ENCODED_BYTES`):
 a Check whose hand-off would exceed it is denied, never allowed without one.
+
+Beside the hand-off, every Check answer, allow or denial, writes a small
+:class:`CheckRecord` into the same namespace. Only the hand-off tells the
+response phase what to filter; the record tells it that a Check decided this
+exchange at all, and how. Without it, "no hand-off" cannot be told from "no
+verified request" unless Envoy also sends ``response.code_details``, which most
+Envoy configurations (Envoy Gateway's, Istio's, one written from Envoy's docs)
+do not: the response phase had to block every response a filter might apply
+to, Envoy's own denials included.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import base64
 import binascii
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -264,3 +274,59 @@ def _strings(value: object) -> tuple[str, ...] | None:
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
     return None
+
+
+class CheckOutcome(StrEnum):
+    """What a Check decided, as far as the response phase is concerned."""
+
+    ALLOWED = "a"
+    """Allowed, and no filter may apply to its responses: they pass untouched."""
+    FILTERED = "f"
+    """Allowed, and a filter may apply: a hand-off was written beside the record and must be read."""
+    DENIED = "d"
+    """Denied: Envoy answers the client itself (status, ``www-authenticate``, JSON body); no upstream data."""
+
+
+RECORD_VERSION = "1"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecord:
+    """That a Check decided this exchange, and how: ``1.<outcome>.<decision id>`` on the wire.
+
+    It is written on every answer, so its cost is that of a few bytes: no
+    JSON, no base64, nothing of the request. A FILTERED record without a
+    readable hand-off is not taken as "nothing to filter" (the hand-off may be
+    what Envoy failed to forward): the response phase then blocks.
+    """
+
+    outcome: CheckOutcome
+    decision_id: str
+
+    def encoded(self) -> str:
+        return f"{RECORD_VERSION}.{self.outcome.value}.{self.decision_id}"
+
+    @classmethod
+    def of(cls, allowed: bool, handed_off: bool, decision_id: str) -> CheckRecord:
+        """The record of a decision: denied, or allowed with or without a hand-off."""
+        if not allowed:
+            return cls(CheckOutcome.DENIED, decision_id)
+        return cls(CheckOutcome.FILTERED if handed_off else CheckOutcome.ALLOWED, decision_id)
+
+    @classmethod
+    def decode(cls, value: object) -> CheckRecord | None:
+        """The record, or None for anything a Check of this version would not write (callers fail closed)."""
+        if not isinstance(value, str) or len(value) > _MAX_RECORD_LENGTH:
+            return None
+        version, _, rest = value.partition(".")
+        outcome, _, decision_id = rest.partition(".")
+        if version != RECORD_VERSION or not decision_id:
+            return None
+        try:
+            return cls(CheckOutcome(outcome), decision_id)
+        except ValueError:
+            return None
+
+
+_MAX_RECORD_LENGTH = 128
+"""Far above what a Check writes (a 36-character decision id and four more): anything longer is not a record."""

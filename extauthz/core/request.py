@@ -56,6 +56,9 @@ class HttpRequest:
     context: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     """Envoy per-route ``context_extensions`` (``proxy`` picks the policy set)."""
     request_id: str = ""
+    route_proxy: str | None = None
+    """The proxy the route's metadata names (``extauthz.proxy``, or an Envoy Gateway route annotation); None
+    when it names none. An empty string (names that disagree, or one that is not a string) picks no proxy."""
 
     @classmethod
     def from_target(cls, method: str, target: str, **kwargs: object) -> HttpRequest:

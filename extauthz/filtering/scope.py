@@ -9,21 +9,25 @@ single body byte is buffered.
 
 Identity and the request come only from the Check phase (the :class:`Handoff`
 in ext_authz dynamic metadata, which a client cannot write), never from
-response or request headers. A filter applies to a request when its methods
-cover the method (HEAD and OPTIONS read as GET) and its path scope matches any
-reading of the path, with or without a trailing slash. A partial response
-(206, ``content-range``) to such a request is blocked: a fragment cannot be
-filtered as a document.
+response or request headers. Beside it, the Check's :class:`CheckRecord` tells
+the three exchanges without a hand-off apart: a request the Check allowed and
+no filter applies to (passed untouched), Envoy's own reply to a denied Check
+(passed untouched: its status, ``www-authenticate`` and JSON body are the
+sidecar's), and one no Check decided (blocked wherever a filter may apply).
+A filter applies to a request when its methods cover the method (HEAD and
+OPTIONS read as GET) and its path scope matches any reading of the path, with
+or without a trailing slash. A partial response (206, ``content-range``) to
+such a request is blocked: a fragment cannot be filtered as a document.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 
-from extauthz.core.handoff import Handoff
+from extauthz.core.handoff import CheckOutcome, CheckRecord, Handoff
 from extauthz.core.scope import request_in_scope
 from extauthz.filtering.codec import BlockCode, content_encodings, unsupported
 from extauthz.filtering.engine import BoundFilter, bind
@@ -53,6 +57,10 @@ class ResponseHead:
     method: str = ""
     path: str = ""
     """Empty when Envoy did not send request attributes."""
+    described: bool = True
+    """False when Envoy sent the body without the response headers (``response_header_mode: SKIP``): the
+    status, type and encoding are unknown, so the body is read as identity-encoded JSON and every filter's
+    status scope as met (showing less), and a body that is not such JSON is blocked."""
 
     @property
     def partial(self) -> bool:
@@ -94,10 +102,23 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def plan_response(policy: Policy, handoff: Handoff | None, head: ResponseHead) -> ResponsePlan:
-    """What to do with this response, decided on its headers alone."""
+def plan_response(
+    policy: Policy, handoff: Handoff | None, head: ResponseHead, record: CheckRecord | None = None,
+) -> ResponsePlan:
+    """What to do with this response, decided on its headers alone (on its body when Envoy sends no headers).
+
+    ``record`` is the Check's record of this exchange, if Envoy forwarded one.
+    """
     if not head.from_upstream:
         return ResponsePlan(Action.PASS)
+    if handoff is None and record is not None:
+        if record.outcome is not CheckOutcome.FILTERED:
+            # Allowed with no filter in scope, or denied (Envoy's own reply, nothing of the upstream).
+            return ResponsePlan(Action.PASS, decision_id=record.decision_id)
+        # The Check wrote a hand-off beside this record; Envoy did not pass it on (or it was damaged).
+        return ResponsePlan(Action.BLOCK, decision_id=record.decision_id, code=BlockCode.NO_IDENTITY,
+                            detail="the Check handed this request to the response phase, but the hand-off "
+                                   "did not arrive (is x-extauthz-handoff in dynamic_metadata_from_headers?)")
     proxy = policy.proxy_named(handoff.proxy) if handoff is not None else None
     if proxy is None or handoff is None:
         return _without_handoff(policy, handoff, head)
@@ -106,16 +127,19 @@ def plan_response(policy: Policy, handoff: Handoff | None, head: ResponseHead) -
         values = handoff.values_for(flt.index, policy.digest)
         if not request_in_scope(flt, handoff.methods, handoff.paths, values):
             continue
-        if head.partial:
+        if head.partial and head.described:
             # Whatever the status scope says: a fragment cannot be filtered as a document.
             return ResponsePlan(Action.BLOCK, proxy.name, handoff.decision_id, code=BlockCode.PARTIAL_CONTENT,
                         detail=f"a {head.status} partial response to a filtered request")
-        if flt.statuses is None or head.status in flt.statuses:
+        if flt.statuses is None or head.status in flt.statuses or not head.described:
             filters.append(bind(flt, values))
     base = ResponsePlan(Action.PASS, proxy.name, handoff.decision_id)
     if not filters:
         return base
     limit = policy.server.max_body_bytes
+    if not head.described:
+        # Only the body is known: filtered as identity-encoded JSON, anything else fails to parse (blocked).
+        return ResponsePlan(Action.BUFFER, proxy.name, handoff.decision_id, tuple(filters), (), limit, None)
     if head.end_of_stream:
         if "content-length" in head.headers:  # HEAD, or a body-less answer: the length would tell
             return ResponsePlan(Action.STRIP_LENGTH, proxy.name, handoff.decision_id)
@@ -140,13 +164,15 @@ def _without_handoff(policy: Policy, handoff: Handoff | None, head: ResponseHead
     """No verified request for this exchange (ext_authz did not run, or its proxy is gone after a reload).
 
     Any filter that might apply blocks the response. Envoy's request
-    attributes narrow "might" when they are configured; without them every
-    filter might.
+    attributes narrow "might" when they are configured (the path alone
+    already does: an unknown method is taken to be in every filter's method
+    scope); without them every filter might.
     """
     proxy, decision_id = (handoff.proxy, handoff.decision_id) if handoff is not None else ("", "")
-    methods, paths = ((head.method,), (head.path,)) if head.method and head.path else ((), ())
+    paths = (head.path,) if head.path else ()
     for flt in (f for p in policy.proxies for f in p.filters):
-        if not paths or request_in_scope(flt, methods, paths, _EMPTY):
+        if not paths or request_in_scope(
+                flt if head.method else replace(flt, methods=None), (head.method,), paths, _EMPTY):
             return ResponsePlan(Action.BLOCK, proxy, decision_id, code=BlockCode.NO_IDENTITY,
                         detail="no verified request for a response a filter may apply to")
     return ResponsePlan(Action.PASS)

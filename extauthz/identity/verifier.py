@@ -96,6 +96,11 @@ class TokenCache:
         self.hits += 1
         return entry.claims
 
+    def peek(self, key: bytes) -> Claims | None:
+        """:meth:`get` for a second reader (the shadow policy): counted nowhere, the LRU order untouched."""
+        entry = self._entries.get(key)
+        return entry.claims if entry is not None and entry.expires_at > self._clock() else None
+
     def put(self, key: bytes, claims: Claims, not_after: float | None,
             signed_by: KeyIdentity | None = None) -> None:
         if self._size <= 0:
@@ -144,10 +149,16 @@ class Verifier:
         cache: TokenCache,
         on_jwks_fetch: Callable[[str, bool], None] | None = None,
         clock: Callable[[], float] = time.time,
+        borrowed: Mapping[str, KeySet] | None = None,
     ) -> None:
+        """``borrowed``: key sets of identical providers that another verifier owns (the shadow policy's verifier
+        borrows the active one's): used as they are, never started or closed here, so no JWKS is fetched twice."""
         self.providers = providers
         self.cache = cache
-        self.keysets = {name: KeySet(p, client, on_jwks_fetch, self._keys_removed) for name, p in providers.items()}
+        borrowed = borrowed or {}
+        self._owned = {name: KeySet(p, client, on_jwks_fetch, self._keys_removed)
+                       for name, p in providers.items() if name not in borrowed}
+        self.keysets = {name: self._owned.get(name) or borrowed[name] for name in providers}
         self._clock = clock
 
     def _keys_removed(self, provider: str, gone: frozenset[KeyIdentity]) -> None:
@@ -155,11 +166,11 @@ class Verifier:
         log.info("token_cache_purged", provider=provider, removed_keys=len(gone), entries=purged)
 
     async def start(self) -> None:
-        for keyset in self.keysets.values():
+        for keyset in self._owned.values():
             await keyset.start()
 
     async def close(self) -> None:
-        for keyset in self.keysets.values():
+        for keyset in self._owned.values():
             await keyset.close()
 
     @property

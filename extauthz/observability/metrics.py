@@ -165,3 +165,38 @@ filter_outcomes = Counter(
     "(Envoy never sent a body it was asked for); proxy is empty when the identity is unknown.",
     ["proxy", "outcome", "code"], registry=REGISTRY,
 )
+
+# --- the shadow policy (server.shadow): a candidate evaluated beside the active one ----------------
+shadow_info = _ReplacedGauge(
+    "extauthz_shadow_policy_info", "The shadow policy loaded beside the active one (value 1), labelled with its hash.",
+    ["digest"], registry=REGISTRY, multiprocess_mode="livemax",
+)
+shadow_decisions = Counter(
+    "extauthz_shadow_decisions",
+    "Checks evaluated by the shadow policy, by the active and the shadow decision's code (shadow=undecided: it "
+    "would have needed more relationship backend calls than its budget); the two differ: a difference.",
+    ["proxy", "active", "shadow"], registry=REGISTRY,
+)
+shadow_differences = Counter(
+    "extauthz_shadow_differences",
+    "Checks the shadow policy decides differently (another status or code), by both codes: the agreement rate "
+    "is 1 - differences / decisions{shadow!=\"undecided\"}.",
+    ["proxy", "active", "shadow"], registry=REGISTRY,
+)
+shadow_responses = Counter(
+    "extauthz_shadow_responses",
+    "Responses compared with the shadow policy's filters: same, different (another body), or scope (a filter "
+    "applies under one policy only; counted at the Check).",
+    ["proxy", "result"], registry=REGISTRY,
+)
+shadow_skipped = Counter(
+    "extauthz_shadow_skipped",
+    "Shadow evaluations not made: busy (too many pending; the active answers never wait) or error.",
+    ["reason"], registry=REGISTRY,
+)
+shadow_reloads = Counter("extauthz_shadow_reloads", "Shadow policy load attempts.", ["result"], registry=REGISTRY)
+shadow_rejected = Gauge(
+    "extauthz_shadow_file_rejected",
+    "1 while the shadow policy file was rejected (the active policy is not affected).",
+    registry=REGISTRY, multiprocess_mode="livemax",
+)

@@ -47,6 +47,7 @@ from extauthz.policy.model import (
     RouteTemplate,
     Rule,
     ServerSettings,
+    ShadowSettings,
     TargetCredential,
     TlsSettings,
     TokenCondition,
@@ -854,7 +855,7 @@ def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:
     s = root.obj(
         "server",
         {"grpcAddress", "httpAddress", "metricsAddress", "adminAddress", "workers", "tls", "tokenCache",
-         "maxBodyBytes", "drainSeconds"},
+         "maxBodyBytes", "drainSeconds", "shadow"},
     )
     if s is None:
         return ServerSettings()
@@ -865,6 +866,12 @@ def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:
         if not tls.cert_file or not tls.key_file:
             t.error("certFile", "TLS needs certFile and keyFile")
     cache = s.obj("tokenCache", {"size", "ttlSeconds"})
+    shadow = None
+    sh = s.obj("shadow", {"file", "responseSampleRate"})
+    if sh is not None:
+        # Not required to exist: a candidate that is missing or broken is reported and retried, never fatal.
+        shadow = ShadowSettings(str(ctx.resolve_path(sh.get("file", str, required=True))),
+                                sh.get("responseSampleRate", float, 0.1))
     defaults = ServerSettings()
     return ServerSettings(
         grpc_address=s.get("grpcAddress", str, defaults.grpc_address),
@@ -880,6 +887,7 @@ def _server(ctx: _Ctx, root: _Obj) -> ServerSettings:
         ),
         max_body_bytes=s.positive("maxBodyBytes", int, defaults.max_body_bytes),
         drain_seconds=s.get("drainSeconds", float, defaults.drain_seconds),
+        shadow=shadow,
     )
 
 
@@ -893,7 +901,17 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         text = file.read_bytes()
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read policy: {exc.strerror}")]) from None
-    return parse_policy(text, str(file), file.resolve().parent)
+    return parse_policy(text, str(file), policy_directory(file))
+
+
+def policy_directory(file: Path) -> Path:
+    """Where the paths a policy names are relative to: the directory the file is named in, links not followed.
+
+    Kubernetes mounts ``policy.yaml`` as a link into a timestamped directory
+    that kubelet deletes on the next update; a path resolved through the link
+    would name a file about to vanish (a shadow policy, a certificate).
+    """
+    return Path(os.path.abspath(file)).parent
 
 
 def parse_policy(text: bytes | str, file: str = "<policy>", base_dir: Path | None = None, *,
@@ -1020,9 +1038,7 @@ def _parse_root(ctx: _Ctx, document: object) -> Policy:
     names = [p.name for p in proxies]
     for name in {n for n in names if names.count(n) > 1}:
         root.error("proxies", f"proxy name {name!r} is used twice")
-    defaults = [p.name for p in proxies if p.default]
-    if len(defaults) > 1:
-        root.error("proxies", f"only one proxy can be the default (found {', '.join(defaults)})")
+    _check_selection(ctx, root)
     return Policy(
         providers=MappingProxyType(providers),
         proxies=tuple(proxies),
@@ -1031,6 +1047,41 @@ def _parse_root(ctx: _Ctx, document: object) -> Policy:
         relationship_cache=cache,
         server=_server(ctx, root),
     )
+
+
+def _check_selection(ctx: _Ctx, root: _Obj) -> None:
+    """Refuse what would make proxy selection ambiguous: a host two proxies claim, or two defaults.
+
+    Either would leave the proxy that decides a request to file order (a
+    reordering or a merge would silently move traffic to other rules), so each
+    is reported where the second claim is written.
+    """
+    hosts: dict[str, str] = {}
+    default = ""
+    for path, _, value in root.items("proxies"):
+        if not isinstance(value, LDict):
+            continue
+        name = value.get("name")
+        label = repr(name) if isinstance(name, str) else path
+        lines = getattr(value, "lines", {})
+        claimed = value.get("hosts")
+        if isinstance(claimed, LList):
+            host_lines = getattr(claimed, "lines", [])
+            for i, raw in enumerate(claimed):
+                host = normalize_host(str(raw)) if isinstance(raw, str) else None
+                if not host:
+                    continue
+                other = hosts.setdefault(host, label)
+                if other != label:
+                    line = host_lines[i] if i < len(host_lines) else lines.get("hosts", root.line)
+                    ctx.error(line, f"{path}.hosts[{i}]", f"host {host!r} is also claimed by proxy {other}: a "
+                              "request to it could be decided by either (give each host to one proxy)")
+        if value.get("default") is True:
+            if default:
+                ctx.error(lines.get("default", root.line), f"{path}.default",
+                          f"only one proxy can be the default ({default} already is)")
+            else:
+                default = label
 
 
 def load_rule(obj: Mapping[str, Any], index: int = 0) -> Rule:

@@ -313,6 +313,13 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class ShadowSettings:
+    file: str
+    """Absolute path of the candidate policy."""
+    response_sample_rate: float = 0.1
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     grpc_address: str = "127.0.0.1:9001"
     http_address: str = ""
@@ -326,6 +333,8 @@ class ServerSettings:
     token_cache_ttl_seconds: int = 60
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 5.0
+    shadow: ShadowSettings | None = None
+    """A candidate policy evaluated beside this one (the active policy decides); reloaded on its own."""
 
 
 @dataclass(frozen=True)

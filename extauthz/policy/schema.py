@@ -247,6 +247,13 @@ class TokenCache(_Shape):
     ttl_seconds: PositiveInt = Field(60, alias="ttlSeconds")
 
 
+class Shadow(_Shape):
+    file: StrictStr = Field(description="The candidate policy, evaluated beside this one on live traffic; it never "
+                                        "decides. Relative to this file's directory")
+    response_sample_rate: Annotated[Number, Field(ge=0, le=1)] = Field(
+        0.1, alias="responseSampleRate", description="Share of filtered responses also filtered by the candidate")
+
+
 class Server(_Shape):
     grpc_address: StrictStr = Field("127.0.0.1:9001", alias="grpcAddress")
     http_address: StrictStr = Field("", alias="httpAddress",
@@ -260,6 +267,7 @@ class Server(_Shape):
     max_body_bytes: PositiveInt = Field(1 << 20, alias="maxBodyBytes", description="Largest body a filter buffers")
     drain_seconds: Annotated[Number, Field(ge=0)] = Field(5.0, alias="drainSeconds",
                                                           description="Keep serving this long after SIGTERM")
+    shadow: Shadow | None = None
 
 
 class PolicyDocument(_Shape):

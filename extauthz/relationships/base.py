@@ -33,6 +33,8 @@ class Cause(StrEnum):
     NO_SUBJECT = "no_subject"
     NO_BACKEND = "no_backend"
     CANCELLED = "cancelled"
+    OVER_BUDGET = "over_budget"
+    """A shadow evaluation wanted more backend calls than it may cause: its outcome is undecided, not a failure."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,11 @@ For the conditions of one evaluation step (``resolve_all``), in order:
    questions; one evaluation per AuthZEN question; all concurrently;
 6. store answers (never failures) in memory and, in the background, in Redis.
 
+In a shadow policy's evaluation (:data:`~extauthz.core.shadow.SHADOW_BUDGET`
+set), step 5 is rationed: a condition that would need a call past the budget
+is unresolved with cause ``over_budget`` (not logged or counted as a failure;
+the shadow records the outcome as undecided).
+
 A failure becomes ``None`` for the rule engine (fail closed) with one
 ``relationship_unresolved`` log line and metric naming the backend and cause.
 Backend calls run in their own task so that when Envoy gives up on one request
@@ -30,6 +35,7 @@ import structlog
 
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
+from extauthz.core.shadow import SHADOW_BUDGET
 from extauthz.observability import metrics
 from extauthz.policy.model import BackendAuth, Consistency, Policy, Rule
 from extauthz.relationships.auth import ClientCredentials, credentials
@@ -43,6 +49,7 @@ from extauthz.relationships.transport import Transport
 log = structlog.get_logger("extauthz.relationships")
 
 Query = CheckQuery | EvaluationQuery
+_OVER_BUDGET = Failure(Cause.OVER_BUDGET, "the shadow policy's backend calls for this Check are spent")
 
 
 @dataclass
@@ -85,14 +92,16 @@ class Relationships:
     def __init__(
         self, policy: Policy, session: aiohttp.ClientSession,
         memory: MemoryCache | None = None, shared: RedisCache | None = None,
+        flight: SingleFlight | None = None,
     ) -> None:
         self.session = session
         settings = policy.relationship_cache
-        self.memory = memory or MemoryCache(
+        self.memory = memory if memory is not None else MemoryCache(  # an empty cache is falsy: not `or`
             settings.allowed_ttl_seconds, settings.denied_ttl_seconds, settings.max_entries
         )
         self.shared = shared
-        self._flight = SingleFlight()
+        self._flight = flight if flight is not None else SingleFlight()
+        self._owns_pools = flight is None
         self._tasks: set[asyncio.Task[None]] = set()
         self._token_clients: list[ClientCredentials] = []
         self.openfga: dict[str, OpenFgaClient] = {}
@@ -114,6 +123,12 @@ class Relationships:
                     self._authzen[id(rule)] = authzen_plans[rule.authzen.backend]
         self._policy = policy  # keeps the rules alive, so their ids stay valid keys
 
+    @classmethod
+    def beside(cls, active: Relationships, policy: Policy) -> Relationships:
+        """The shadow policy's resolver: its own rules and clients over the active one's connection pool, caches
+        and in-flight calls, so a question both policies ask is asked once. Closing it leaves those to the active."""
+        return cls(policy, active.session, active.memory, active.shared, active._flight)
+
     def _transport(self, name: str, timeout_ms: int, auth: BackendAuth) -> Transport:
         creds = credentials(auth, self.session)
         if isinstance(creds, ClientCredentials):
@@ -129,11 +144,26 @@ class Relationships:
         fetch = _Fetch()
         lookups: list[tuple[_Question, _Ask]] = []
         loop = asyncio.get_running_loop()
+        budget = SHADOW_BUDGET.get()  # None but in a shadow evaluation
+        charged: set[str] = set()  # OpenFGA backends this step already asks: one BatchCheck holds every question
+
+        def over_budget(q: _Question) -> bool:
+            if budget is None:
+                return False
+            if isinstance(q.query, CheckQuery):
+                if q.backend in charged:
+                    return False
+                charged.add(q.backend)
+            return not budget.take()
+
         for q in questions:
             query = q.query
             if query is None:
                 continue
             if isinstance(query, CheckQuery) and query.consistency is Consistency.HIGHER_CONSISTENCY:
+                if over_budget(q):
+                    q.answer = _OVER_BUDGET
+                    continue
                 metrics.child(metrics.relationship_cache, "memory", "bypass").inc()
                 q.wait = loop.create_future()
                 fetch.add(q.backend, _Ask(query, q.wait, shared=False))
@@ -146,6 +176,9 @@ class Relationships:
             q.wait = self._flight.join(query.key)
             if q.wait is not None:
                 metrics.child(metrics.relationship_cache, "memory", "in_flight").inc()
+                continue
+            if over_budget(q):  # counted as a call even if Redis answers it
+                q.answer = _OVER_BUDGET
                 continue
             metrics.child(metrics.relationship_cache, "memory", "miss").inc()
             q.wait = self._flight.lead(query.key)
@@ -172,6 +205,8 @@ class Relationships:
             await asyncio.gather(*tasks, return_exceptions=True)
         for client in self._token_clients:
             await client.aclose()
+        if not self._owns_pools:  # the active resolver's pool, Redis client and caches
+            return
         if self.shared is not None:
             await self.shared.aclose()
         await self.session.close()
@@ -250,6 +285,8 @@ class Relationships:
         if isinstance(answer, bool):
             return answer
         failure = answer if isinstance(answer, Failure) else Failure(Cause.CANCELLED, "no answer")
+        if failure is _OVER_BUDGET:
+            return None  # the shadow's outcome is recorded as undecided; no backend failed
         metrics.child(metrics.relationship_unresolved, q.backend or "none", failure.cause).inc()
         log.warning("relationship_unresolved", backend=q.backend, cause=failure.cause, detail=failure.detail,
                     rule_index=q.rule.index, request_id=request.request_id)

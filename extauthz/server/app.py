@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -53,7 +53,7 @@ HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH_PATH = "/grpc.health.v1.Health/Watch"
 GRPC_SERVER_ENV = "EXTAUTHZ_GRPC_SERVER"
 
-# What one peer may cost a grpc.aio server (the TLS/fallback listener and the admin service): grpcio's
+# What one peer may cost a grpc.aio server (the EXTAUTHZ_GRPC_SERVER=grpcio listener and the admin service): grpcio's
 # defaults leave most of it unbounded. Envoy stays within every one of these.
 GRPC_AIO_OPTIONS: tuple[tuple[str, int], ...] = (
     # Streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); the default is none.
@@ -104,7 +104,7 @@ GRPC_AIO_MAX_CONCURRENT_RPCS = 1000
 
 def grpc_server() -> str:
     """``lean`` (extauthz's own HTTP/2 server, :mod:`extauthz.server.grpc_lean`) unless the environment says
-    ``grpcio`` (grpc.aio, which TLS listeners always use): the way back should the lean server misbehave."""
+    ``grpcio`` (grpc.aio): the way back should the lean server misbehave."""
     return "grpcio" if os.environ.get(GRPC_SERVER_ENV, "").strip().lower() == "grpcio" else "lean"
 
 
@@ -134,17 +134,19 @@ class Server:
             probe_listen(address, "gRPC, server.grpcAddress")  # a clear error before gRPC's own
         checks = authorization.AuthorizationServicer(sidecar.authorizer)
         # Response filtering; the policy is read per stream so a reload applies to the next response.
-        processor = ExternalProcessorServicer(lambda: sidecar.runtime.policy)
-        self.certificates: CertificateReloader | None = None
+        processor = ExternalProcessorServicer(lambda: sidecar.runtime.policy, sidecar.shadow)
+        self.certificates: CertificateReloader[Any] | None = None
         self.grpc: grpc.aio.Server | None = None
         self.lean: LeanGrpcServer | None = None
         self.health = HealthServicer()
-        if tls is None and grpc_server() == "lean":
+        if grpc_server() == "lean":
+            # server.tls: TLS (mTLS with a client CA) on the same server, certificates re-read for new handshakes.
             self.lean = LeanGrpcServer(Methods(
                 unary={authorization.CHECK_PATH: checks.check_message, HEALTH_CHECK_PATH: health_check(self.health)},
                 streams={PROCESS_PATH: processor.open_stream},
                 server_streams={HEALTH_WATCH_PATH: health_watch(self.health)},
-            ), address, reuse_port=reuse_port)
+            ), address, reuse_port=reuse_port, tls=tls)
+            self.certificates = self.lean.tls
             self.port = self.lean.port
         else:
             self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)), *GRPC_AIO_OPTIONS],
@@ -291,6 +293,7 @@ async def serve(
     if watch_interval > 0:
         watcher = PolicyWatcher(config, sidecar.reload, lambda: sidecar.runtime.policy.digest, watch_interval)
         watcher.start()
+    sidecar.watch_shadow(watch_interval)
     stop = asyncio.Event()
     drain = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,13 @@ part that depends on the upstream mutations is serialised by protobuf once per
 :class:`Mutations` and reused, and the per-request decision id and hand-off are
 appended as further fields of the same message, which protobuf's wire format
 merges. Building the message object on every Check cost more than deciding.
+
+Every answer, allow or denial, carries the Check's record in its
+``dynamic_metadata`` (:data:`~extauthz.server.handoff_header.RECORD_HEADER`):
+Envoy writes a denial's metadata too (its ext_authz filter stores a
+CheckResponse's ``dynamic_metadata`` before it acts on the status), so the
+response phase knows Envoy's own reply to a denied Check without
+``response.code_details``.
 """
 
 from __future__ import annotations
@@ -24,14 +31,22 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.decision import DECISION_ID_LENGTH, Decision, Mutations
+from extauthz.core.handoff import CheckOutcome, CheckRecord
 from extauthz.core.request import HttpRequest
 from extauthz.server.checks import NO_REQUEST, failed, record
-from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
-from extauthz.server.headers import header_map
+from extauthz.server.handoff_header import HANDOFF_HEADER, RECORD_HEADER, encode_handoff, record_of
+from extauthz.server.headers import (
+    GATEWAY_METADATA_NAMESPACE,
+    GATEWAY_PROXY_ANNOTATION,
+    ROUTE_METADATA_NAMESPACE,
+    ROUTE_METADATA_PROXY,
+    header_map,
+)
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
@@ -45,7 +60,9 @@ def to_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     headers = {name: sent[name] for name in sent} if sent else header_map(http.header_map)
     path, _, query = http.path.partition("?")
     # Only `proxy` is read; copying the whole protobuf map cost more than the rest of this function.
-    proxy = check.attributes.context_extensions.get("proxy")
+    attributes = check.attributes
+    proxy = attributes.context_extensions.get("proxy")
+    route = attributes.route_metadata_context.filter_metadata
     return HttpRequest(
         method=http.method.upper(),
         path=path,
@@ -54,7 +71,33 @@ def to_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         headers=headers,
         context={"proxy": proxy} if proxy is not None else _NO_CONTEXT,
         request_id=headers.get("x-request-id", http.id),
+        route_proxy=route_proxy(route) if route else None,
     )
+
+
+def route_proxy(metadata: Mapping[str, struct_pb2.Struct]) -> str | None:
+    """The proxy a route's metadata names: ``extauthz.proxy``, else an Envoy Gateway route annotation.
+
+    None when it names none. A name that is not a string, or Envoy Gateway
+    resources that name different proxies, give ``""``: a route that names
+    something no proxy is, so its Checks deny rather than guess.
+    """
+    ours = metadata.get(ROUTE_METADATA_NAMESPACE)
+    if ours is not None and ROUTE_METADATA_PROXY in ours.fields:
+        value = ours.fields[ROUTE_METADATA_PROXY]
+        return value.string_value if value.WhichOneof("kind") == "string_value" else ""
+    gateway = metadata.get(GATEWAY_METADATA_NAMESPACE)
+    if gateway is None or "resources" not in gateway.fields:
+        return None
+    named: set[str] = set()
+    for resource in gateway.fields["resources"].list_value.values:
+        annotations = resource.struct_value.fields.get("annotations")
+        if annotations is not None and GATEWAY_PROXY_ANNOTATION in annotations.struct_value.fields:
+            value = annotations.struct_value.fields[GATEWAY_PROXY_ANNOTATION]
+            named.add(value.string_value if value.WhichOneof("kind") == "string_value" else "")
+    if not named:
+        return None
+    return named.pop() if len(named) == 1 else ""
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -93,11 +136,12 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             # One string, as the HTTP transport sends it: a Struct of the same fields cost ~40 µs to build
             # here and as much to read back in the response phase; this costs a few.
             response.dynamic_metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
+        response.dynamic_metadata.fields[RECORD_HEADER].string_value = record_of(decision)
         return response
     headers = [_header("content-type", "application/json"), _header("x-extauthz-decision-id", decision.decision_id)]
     if decision.www_authenticate:
         headers.append(_header("www-authenticate", decision.www_authenticate))
-    return external_auth_pb2.CheckResponse(
+    response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=_GRPC_CODE.get(decision.status, code_pb2.PERMISSION_DENIED)),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),
@@ -105,10 +149,12 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             body=decision.body().decode(),
         ),
     )
+    response.dynamic_metadata.fields[RECORD_HEADER].string_value = record_of(decision)
+    return response
 
 
-def _decision_id_field() -> tuple[bytes, bytes]:
-    """The serialised ``ok_response.response_headers_to_add`` entry before and after its decision id.
+def _around_decision_id(fill: Callable[[external_auth_pb2.CheckResponse, str], None]) -> tuple[bytes, bytes]:
+    """The serialised bytes ``fill`` writes into a CheckResponse, before and after the decision id it holds.
 
     Every length prefix around the id is fixed when the id has its fixed length,
     so both parts are the same for every Check; protobuf writes them from a
@@ -116,15 +162,27 @@ def _decision_id_field() -> tuple[bytes, bytes]:
     """
     marker = "".join(str(i % 10) for i in range(DECISION_ID_LENGTH))
     template = external_auth_pb2.CheckResponse()
-    _add_header(template.ok_response.response_headers_to_add, "x-extauthz-decision-id", marker)
+    fill(template, marker)
     wire = template.SerializeToString()
     head, found, tail = wire.partition(marker.encode())
     if not found or marker.encode() in tail:
-        raise AssertionError("the decision id template does not serialise to one copy of its id")
+        raise AssertionError("the template does not serialise to one copy of its decision id")
     return head, tail
 
 
-_DECISION_ID_HEAD, _DECISION_ID_TAIL = _decision_id_field()
+# The ``ok_response.response_headers_to_add`` entry of the decision id.
+_DECISION_ID_HEAD, _DECISION_ID_TAIL = _around_decision_id(lambda template, marker: _add_header(
+    template.ok_response.response_headers_to_add, "x-extauthz-decision-id", marker))
+
+
+def _allowed_record(template: external_auth_pb2.CheckResponse, decision_id: str) -> None:
+    template.dynamic_metadata.fields[RECORD_HEADER].string_value = CheckRecord(
+        CheckOutcome.ALLOWED, decision_id).encoded()
+
+
+# The ``dynamic_metadata`` entry of an unfiltered allow's record: two concatenations per allow.
+_RECORD_HEAD, _RECORD_TAIL = _around_decision_id(_allowed_record)
+_ID_TO_RECORD = _DECISION_ID_TAIL + _RECORD_HEAD
 _ALLOW_HEADS: dict[Mutations, bytes] = {}
 _MAX_ALLOW_HEADS = 1024  # one per distinct set of mutations (per caller when identity headers differ)
 
@@ -145,12 +203,16 @@ def encode_response(decision: Decision) -> bytes:
     decision_id = decision.decision_id
     if not decision.allowed or len(decision_id) != DECISION_ID_LENGTH or not decision_id.isascii():
         return bytes(to_response(decision).SerializeToString())
-    wire = _allow_head(decision.mutations) + _DECISION_ID_HEAD + decision_id.encode() + _DECISION_ID_TAIL
-    if decision.metadata:
-        metadata = external_auth_pb2.CheckResponse()
-        metadata.dynamic_metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
-        wire += metadata.SerializeToString()
-    return wire
+    raw_id = decision_id.encode()
+    if not decision.metadata:  # most allows: the decision id, then the record that repeats it
+        return b"".join((_allow_head(decision.mutations), _DECISION_ID_HEAD, raw_id, _ID_TO_RECORD, raw_id,
+                         _RECORD_TAIL))
+    metadata = external_auth_pb2.CheckResponse()
+    fields = metadata.dynamic_metadata.fields
+    fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
+    fields[RECORD_HEADER].string_value = CheckRecord(CheckOutcome.FILTERED, decision_id).encoded()
+    return (_allow_head(decision.mutations) + _DECISION_ID_HEAD + raw_id + _DECISION_ID_TAIL
+            + bytes(metadata.SerializeToString()))
 
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"

@@ -7,10 +7,11 @@ for a server that decides nothing, and it made the Check's own Python code cost
 twice what it does alone. The same Checks served here, by protocol callbacks
 on the loop with nothing between the bytes and the decision, cost under half of
 that all in (docs/benchmarks.md). grpc.aio stays for what this server does not
-do: TLS listeners, the admin service, and ``EXTAUTHZ_GRPC_SERVER=grpcio``.
+do: the admin service, and ``EXTAUTHZ_GRPC_SERVER=grpcio``.
 
-The scope is what gRPC clients send to a sidecar: cleartext HTTP/2 with prior
-knowledge (:mod:`extauthz.server.http2`), POSTs of ``application/grpc``,
+The scope is what gRPC clients send to a sidecar: HTTP/2 with prior knowledge
+in cleartext, or over TLS with ALPN ``h2`` (:mod:`extauthz.server.http2`,
+:mod:`extauthz.server.listener`), POSTs of ``application/grpc``,
 length-prefixed messages, uncompressed or gzip/deflate (inflated within
 :data:`MAX_MESSAGE`, so a small bomb cannot grow past it). Each method is unary
 (one message in, one out; the handler takes and returns serialised messages),
@@ -40,8 +41,11 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from extauthz.eager import run_eagerly
+from extauthz.policy.model import TlsSettings
+from extauthz.server import http2
 from extauthz.server.http2 import Http2Connection, Stream, literal_block
 from extauthz.server.listener import Listener
+from extauthz.server.tls import ServerContexts
 from extauthz.server.validation import parse_address
 
 log = structlog.get_logger("extauthz.grpc")
@@ -413,14 +417,25 @@ class _Connection(Http2Connection):
 
 
 class LeanGrpcServer(Listener["_Connection"]):
-    """The listener: connections from Envoy, each an :class:`~extauthz.server.http2.Http2Connection`."""
+    """The listener: connections from Envoy, each an :class:`~extauthz.server.http2.Http2Connection`.
 
-    def __init__(self, methods: Methods, address: str, reuse_port: bool = False) -> None:
-        super().__init__(address, parse_address(address), reuse_port, MAX_CONNECTIONS)
+    With ``tls`` (``server.tls``), over TLS with ALPN ``h2`` (as gRPC requires),
+    mTLS when it names a client CA, the certificate re-read for new handshakes
+    when its files change (:class:`~extauthz.server.tls.ServerContexts`).
+    """
+
+    def __init__(self, methods: Methods, address: str, reuse_port: bool = False,
+                 tls: TlsSettings | None = None) -> None:
+        super().__init__(address, parse_address(address), reuse_port, MAX_CONNECTIONS,
+                         tls=ServerContexts(tls, http2.ALPN) if tls is not None else None)
         self.methods = methods
 
     def connection(self) -> _Connection:
         return _Connection(self)
+
+    def handshake_seconds(self) -> float:
+        """The preface's limit: the handshake and the preface share it, both counted from the accept."""
+        return http2.PREFACE_SECONDS
 
 
 class _AbortOnly:

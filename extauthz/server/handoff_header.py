@@ -21,10 +21,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from extauthz.core.handoff import decode, encode
+from extauthz.core.decision import Decision
+from extauthz.core.handoff import CheckRecord, decode, encode
 
 HANDOFF_HEADER = "x-extauthz-handoff"
 """The auth service's response header; Envoy turns it into a dynamic metadata string of the same name."""
+
+RECORD_HEADER = "x-extauthz-record"
+"""The Check's :class:`~extauthz.core.handoff.CheckRecord`, written on every answer (allow and denial) the same
+way: a dynamic metadata string over gRPC, an answer header Envoy copies into metadata over HTTP. Its own name,
+not the hand-off's, so a config that keys on the hand-off (or forwards only it) keeps working."""
 
 
 def encode_handoff(metadata: Mapping[str, Any]) -> str:
@@ -35,3 +41,8 @@ def encode_handoff(metadata: Mapping[str, Any]) -> str:
 def decode_handoff(value: object) -> dict[str, Any] | None:
     """The hand-off's fields, or None when the value is not one (callers fail closed)."""
     return decode(value)
+
+
+def record_of(decision: Decision) -> str:
+    """The record string of a decision (the adapters' slow path; allows are written from templates)."""
+    return CheckRecord.of(decision.allowed, bool(decision.metadata), decision.decision_id).encoded()

@@ -8,6 +8,15 @@ from typing import Any
 # own filter name, and ext_proc's metadata_options forwards that namespace.
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
+# Where a route names its proxy when it cannot set context_extensions: route metadata, which Envoy's
+# ext_authz sends in the CheckRequest for the namespaces in route_metadata_context_namespaces.
+ROUTE_METADATA_NAMESPACE = "extauthz"
+ROUTE_METADATA_PROXY = "proxy"
+# Envoy Gateway puts a route's own metadata under this namespace (ext auth's includeRouteMetadata: true):
+# resources[].annotations holds the route's gateway.envoyproxy.io/ annotations with that prefix taken off.
+GATEWAY_METADATA_NAMESPACE = "envoy-gateway"
+GATEWAY_PROXY_ANNOTATION = "extauthz-proxy"
+
 
 def header_map(headers: Any) -> dict[str, str]:
     """Lower-case name -> value; repeated lines are joined as an HTTP list (two content-encoding

@@ -1,7 +1,9 @@
-"""The server side of an HTTP/2 connection (RFC 9113) in cleartext, as Envoy's gRPC client speaks it.
+"""The server side of an HTTP/2 connection (RFC 9113), as Envoy's gRPC client speaks it.
 
 Enough HTTP/2 for one kind of peer: a client that opens streams with prior
-knowledge (h2c), as Envoy does towards a cluster with ``http2_protocol_options``.
+knowledge (h2c), as Envoy does towards a cluster with ``http2_protocol_options``,
+or over TLS once the handshake selected :data:`ALPN` (the listener's
+business, :mod:`extauthz.server.listener`: this connection sees the same bytes).
 Frames are parsed from the bytes as they arrive; what the connection answers
 (settings and ping acknowledgements, window updates, the streams' frames) is
 gathered and written once per batch. Header blocks are decoded with ``hpack``
@@ -30,7 +32,8 @@ stacks (nghttp2, Envoy) were hardened after each published HTTP/2 attack:
   header block; remembered header blocks are bounded in bytes.
 * **Time.** The preface, a frame or header block in pieces, and an idle
   connection each have a limit (:data:`PREFACE_SECONDS`, :data:`READ_SECONDS`,
-  :data:`IDLE_SECONDS`), checked by one timer per connection.
+  :data:`IDLE_SECONDS`), and a TLS connection an age (:data:`TLS_MAX_AGE_SECONDS`),
+  checked by one timer per connection.
 * **Fairness.** At most :data:`FRAMES_PER_TURN` frames and
   :data:`STREAMS_PER_TURN` new streams are handled per turn of the loop before
   other connections run, and a stream's request is handed on only at the end
@@ -52,6 +55,7 @@ GOAWAY and the RFC's error code; the reason is logged, never guessed around.
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 import time
 from collections.abc import Iterable
@@ -67,6 +71,8 @@ from extauthz.server.listener import close_after_error
 log = structlog.get_logger("extauthz.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ALPN = "h2"
+"""HTTP/2 over TLS (RFC 9113, 3.2): the only protocol a TLS listener of this server lets a handshake select."""
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
@@ -106,6 +112,8 @@ REMEMBERED_BLOCK_BYTES = 64 << 10
 FRAMES_PER_TURN = 128
 STREAMS_PER_TURN = 16
 PREFACE_SECONDS = 10.0
+"""The client's preface must have arrived within this of the accept; over TLS the handshake comes first, in the
+same time."""
 READ_SECONDS = 10.0
 """A frame or a header block started must be complete within this, and a request (or a message in
 progress) must make progress within it."""
@@ -113,6 +121,12 @@ STALL_SECONDS = 30.0
 """Output waiting for the peer's window with no progress for this long ends the connection."""
 IDLE_SECONDS = 600.0
 """A connection without a stream for this long is closed gracefully (Envoy reconnects when it needs one)."""
+TLS_MAX_AGE_SECONDS = 1800.0
+"""A TLS connection is closed gracefully after this long (give or take a tenth, so they do not all end at once):
+a rotated certificate or client CA reaches every peer within it, as grpc.aio's connection age did."""
+MAX_AGE_GRACE_SECONDS = 30.0
+"""What a connection past its age still has for the calls in progress (an ext_proc stream lives as long as its
+request through Envoy); then what is left is cut."""
 TICK_SECONDS = 2.0
 PREMATURE_RESETS = 50
 """Streams reset before any work was done on them, tolerated in any case; past it, more than half of all
@@ -336,6 +350,10 @@ class Http2Connection(asyncio.Protocol):
         self._close_when_idle = False
         self._lingering = False
         self._answered_at = 0.0
+        self.max_age = 0.0
+        """Seconds after which the connection closes gracefully, or 0 (cleartext: nothing to rotate)."""
+        self._aged = 0.0
+        """When the connection reached its age and began to go away (0: not yet)."""
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -347,6 +365,8 @@ class Http2Connection(asyncio.Protocol):
         self.transport.write(frame(SETTINGS, 0, 0, settings)
                              + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
         self._recv_window = CONNECTION_WINDOW
+        if transport.get_extra_info("sslcontext") is not None:
+            self.max_age = TLS_MAX_AGE_SECONDS * random.uniform(0.9, 1.1)  # noqa: S311 - spreading, not secrecy
         self._timer = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def pause_writing(self) -> None:
@@ -964,6 +984,13 @@ class Http2Connection(asyncio.Protocol):
             self._spare_since = now
         elif self._extra and now - self._spare_since > READ_SECONDS and not self.going_away:
             # Credit for messages that never came holds the process's budget: the connection ends gracefully.
+            self._close_when_idle = True
+            self.go_away()
+        if self._aged and now - self._aged > MAX_AGE_GRACE_SECONDS:
+            self._timed_out("calls still in progress past the connection's maximum age and its grace")
+            return
+        if self.max_age and not self._aged and now - self._made > self.max_age:
+            self._aged = now
             self._close_when_idle = True
             self.go_away()
         self.flush()

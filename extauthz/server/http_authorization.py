@@ -28,10 +28,15 @@ How an answer reads to Envoy:
   ``decoder_header_mutation_rules`` refuse this answer's own headers), removes
   the request headers listed in ``x-envoy-auth-headers-to-remove`` (after
   setting, so a header is never both), copies :data:`DECISION_ID` to the client
-  (``allowed_client_headers_on_success``) and the hand-off header into dynamic
-  metadata (``dynamic_metadata_from_headers``) for the response phase.
+  (``allowed_client_headers_on_success``) and the hand-off and record headers
+  into dynamic metadata (``dynamic_metadata_from_headers``) for the response phase.
 * ``4xx``: deny; Envoy answers the client with this status, the headers
   ``allowed_client_headers`` names and this body: the same answer as over gRPC.
+  The record header goes into dynamic metadata here too (Envoy 1.40 copies
+  ``dynamic_metadata_from_headers`` from denials as from allows), so the
+  response phase passes Envoy's denial untouched; ``allowed_client_headers``
+  should leave it out (an empty list there sends every answer header to the
+  client: harmless, it holds the decision id the client gets anyway).
 * ``5xx``: Envoy treats it as an error of the auth service, not a denial, and
   answers ``status_on_error`` (503) itself: a 500 or 503 decision reaches the
   client as the config's 503 ``authorization_unavailable``, still never the
@@ -57,10 +62,11 @@ import structlog
 
 from extauthz.core.authorizer import Authorizer
 from extauthz.core.decision import Code, Decision, new_decision_id
+from extauthz.core.handoff import CheckOutcome, CheckRecord
 from extauthz.core.request import HttpRequest
 from extauthz.eager import run_eagerly
 from extauthz.server.checks import NO_REQUEST, failed, record
-from extauthz.server.handoff_header import HANDOFF_HEADER, encode_handoff
+from extauthz.server.handoff_header import HANDOFF_HEADER, RECORD_HEADER, encode_handoff, record_of
 from extauthz.server.http1 import (
     MAX_HEAD_BYTES,
     HeadError,
@@ -97,7 +103,7 @@ MAX_ANSWERS_PER_TURN = 16
 _HOP_HEADERS = ("host", "content-length", "connection", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms")
 # This transport's own answer headers: a header of the policy by one of these names could forge them.
 _RESERVED = frozenset({"content-length", "content-type", "connection", "keep-alive", "transfer-encoding",
-                       DECISION_ID, HANDOFF_HEADER, REMOVE_HEADERS})
+                       DECISION_ID, HANDOFF_HEADER, RECORD_HEADER, REMOVE_HEADERS})
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
 
@@ -154,7 +160,8 @@ def to_response(decision: Decision, head_only: bool = False, close: bool = False
         return _allow(decision, close)
     # Never 200 (an allow) nor anything Envoy reads as other than a denial or an error.
     status = decision.status if 400 <= decision.status <= 599 else 403
-    fields = [("content-type", "application/json"), (DECISION_ID, decision.decision_id)]
+    fields = [("content-type", "application/json"), (DECISION_ID, decision.decision_id),
+              (RECORD_HEADER, record_of(decision))]
     if decision.www_authenticate:
         fields.append(("www-authenticate", decision.www_authenticate))
     if not safe_fields([n for n, _ in fields], [v for _, v in fields]):
@@ -165,11 +172,14 @@ def to_response(decision: Decision, head_only: bool = False, close: bool = False
 def _allow(decision: Decision, close: bool) -> bytes:
     """A 200 written in one pass (the hot path); every header checked before it is sent."""
     m = decision.mutations
-    parts = ["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", DECISION_ID, ": ", decision.decision_id]
-    lines = 3
+    decision_id = decision.decision_id
+    parts = ["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", DECISION_ID, ": ", decision_id]
+    lines = 4
     if decision.metadata:
-        parts += ("\r\n", HANDOFF_HEADER, ": ", encode_handoff(decision.metadata))
+        parts += ("\r\n", HANDOFF_HEADER, ": ", encode_handoff(decision.metadata), _FILTERED_RECORD, decision_id)
         lines += 1
+    else:
+        parts += (_ALLOWED_RECORD, decision_id)
     if m.remove_headers:
         if not _removable(m.remove_headers):
             raise ValueError(f"cannot ask Envoy to remove {m.remove_headers}")
@@ -190,6 +200,11 @@ def _allow(decision: Decision, close: bool) -> bytes:
     if head.count(b"\r\n") != lines + 1 or not clean_lines(head):
         raise ValueError("an upstream header value cannot be written to an HTTP/1.1 answer as is")
     return head
+
+
+_ALLOWED_RECORD = f"\r\n{RECORD_HEADER}: {CheckRecord(CheckOutcome.ALLOWED, '').encoded()}"
+_FILTERED_RECORD = f"\r\n{RECORD_HEADER}: {CheckRecord(CheckOutcome.FILTERED, '').encoded()}"
+"""The record's line up to its decision id, which ends it."""
 
 
 @functools.lru_cache(maxsize=1024)

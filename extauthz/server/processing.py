@@ -23,6 +23,15 @@ to hold the headers and send the whole body:
 Every failure, including an exception in this module, becomes a 502 with a
 JSON error (an ImmediateResponse), so the upstream's bytes are never passed on
 unfiltered.
+
+Envoy configurations other than the shipped ones are served too (Envoy
+Gateway's, Istio's, one written from Envoy's docs): without the shipped
+matcher every response comes here, Envoy's own replies included, and the
+Check's record (:class:`~extauthz.core.handoff.CheckRecord`) tells what may
+pass. A configuration that sends only the body (``response_header_mode:
+SKIP``, body BUFFERED) is served from the body message. What such a
+configuration still lacks is said in one rate-limited warning naming the Envoy
+setting, not in a 502 per request alone.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -43,15 +52,18 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extauthz.core.decision import error_body
-from extauthz.core.handoff import Handoff
+from extauthz.core.handoff import CheckRecord, Handoff
 from extauthz.filtering.codec import BlockCode, Unfilterable
 from extauthz.filtering.pipeline import filter_body
 from extauthz.filtering.scope import REPRESENTATION_HEADERS, Action, ResponseHead, ResponsePlan, plan_response
 from extauthz.observability import metrics
 from extauthz.observability.logging import log_info
 from extauthz.policy.model import Policy
-from extauthz.server.handoff_header import HANDOFF_HEADER, decode_handoff
+from extauthz.server.handoff_header import HANDOFF_HEADER, RECORD_HEADER, decode_handoff
 from extauthz.server.headers import METADATA_NAMESPACE, header_map
+
+if TYPE_CHECKING:
+    from extauthz.server.shadow import Shadow
 
 log = structlog.get_logger("extauthz.extproc")
 
@@ -106,6 +118,67 @@ def _attributes(message: pb.ProcessingRequest) -> dict[str, Any]:
     return _plain_struct(message.attributes[ATTRIBUTES_NAMESPACE])
 
 
+WARNING_INTERVAL_SECONDS = 600.0
+"""A configuration warning is logged at most this often (per process): once is enough to act on."""
+
+
+class _ConfigWarnings:
+    """What the ext_proc messages tell about Envoy's configuration, said once in a while, never per request."""
+
+    def __init__(self) -> None:
+        self.namespace_seen = False
+        """Some message carried the ext_authz namespace: Envoy forwards it (its absence then means no Check)."""
+        self._last: dict[str, float] = {}
+
+    def said(self) -> list[str]:
+        """The warnings logged so far (their event names), for a status page to show beside the log."""
+        names = {"namespace": "extproc_metadata_not_forwarded", "body_only": "extproc_response_headers_not_sent"}
+        return [names[kind] for kind in self._last if kind != "namespace" or not self.namespace_seen]
+
+    def due(self, kind: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < WARNING_INTERVAL_SECONDS:
+            return False
+        self._last[kind] = now
+        return True
+
+    def no_namespace(self) -> None:
+        if not self.namespace_seen and self.due("namespace"):
+            log.warning("extproc_metadata_not_forwarded", namespace=METADATA_NAMESPACE,
+                        setting=f"metadata_options.forwarding_namespaces.untyped: [{METADATA_NAMESPACE}]",
+                        gateway_setting=f"EnvoyExtensionPolicy extProc.metadata.accessibleNamespaces: "
+                                        f"[{METADATA_NAMESPACE}]",
+                        hint="no ext_proc message so far carried the Check's dynamic metadata: without it every "
+                             "response a filter may apply to is blocked (502 no_identity), Envoy's own denials "
+                             "included; add the setting to the ext_proc filter (over the HTTP ext_authz "
+                             "transport, also dynamic_metadata_from_headers: [x-extauthz-handoff, "
+                             "x-extauthz-record]), or ext_authz did not run")
+
+    def body_only(self) -> None:
+        if self.due("body_only"):
+            log.warning("extproc_response_headers_not_sent",
+                        setting="processing_mode.response_header_mode: SEND",
+                        gateway_setting="EnvoyExtensionPolicy extProc.processingMode.response: {}",
+                        hint="Envoy sends response bodies without their headers: filtered bodies are read as "
+                             "uncompressed JSON whatever their status (a compressed or non-JSON body is blocked), "
+                             "and every body is buffered, filtered or not")
+
+
+config_warnings = _ConfigWarnings()
+
+
+def to_record(message: pb.ProcessingRequest) -> CheckRecord | None:
+    """The Check's record of this exchange, if Envoy forwarded one (the same namespace as the hand-off)."""
+    namespaces = message.metadata_context.filter_metadata
+    if METADATA_NAMESPACE not in namespaces:
+        return None
+    struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
+    if RECORD_HEADER not in struct.fields:
+        return None
+    return CheckRecord.decode(struct.fields[RECORD_HEADER].string_value)
+
+
 def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
     """The Check phase's verified view of this exchange's request, if Envoy forwarded it.
 
@@ -118,7 +191,9 @@ def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
     """
     namespaces = message.metadata_context.filter_metadata
     if METADATA_NAMESPACE not in namespaces:
+        config_warnings.no_namespace()
         return None
+    config_warnings.namespace_seen = True
     struct: struct_pb2.Struct = namespaces[METADATA_NAMESPACE]
     if HANDOFF_HEADER not in struct.fields:
         return None
@@ -127,8 +202,12 @@ def to_handoff(message: pb.ProcessingRequest) -> Handoff | None:
 
 
 def to_head(message: pb.ProcessingRequest) -> ResponseHead:
-    """The response as Envoy describes it: status and headers, plus the request attributes it may send."""
-    headers = header_map(message.response_headers.headers)
+    """The response as Envoy describes it: status and headers, plus the request attributes it may send.
+
+    For a body message (Envoy sends no response headers) only the attributes are known.
+    """
+    described = message.WhichOneof("request") == "response_headers"
+    headers = header_map(message.response_headers.headers) if described else {}
     attributes = _attributes(message)
     target = str(attributes.get("request.path") or "")
     details = attributes.get("response.code_details")
@@ -136,10 +215,12 @@ def to_head(message: pb.ProcessingRequest) -> ResponseHead:
         status=int(headers.get(":status", "0") or 0),
         headers=headers,
         end_of_stream=message.response_headers.end_of_stream,
-        # Absent details mean a misconfigured Envoy: treat the response as upstream data (fail closed).
+        # Absent details: most Envoy configs send none. The response is then upstream data (fail closed),
+        # unless the Check's record says otherwise.
         from_upstream=details is None or details == "via_upstream",
         method=str(attributes.get("request.method") or "").upper(),
         path=target.split("?", 1)[0],
+        described=described,
     )
 
 
@@ -184,26 +265,46 @@ def _continue(phase: str) -> pb.ProcessingResponse:
 class _Exchange:
     """The state of one stream (one HTTP exchange): the plan made on the response headers."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, shadow: Shadow | None = None) -> None:
         self.policy = policy
+        self.shadow = shadow
+        """Shown each filtered body once answered: a shadow policy may compare its own filters' view of it."""
+        self.head: ResponseHead | None = None
         self.plan = ResponsePlan(Action.PASS)
         self.body_seen = False
+        self.headers_seen = False
         self.done = False
         """Nothing more to answer: the response is passed, blocked, or its body answered."""
 
     async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         phase = message.WhichOneof("request") or ""
         if phase == "response_headers":
+            self.headers_seen = True
             answer = self._on_headers(message)
             self.done = self.plan.action is not Action.BUFFER
             return answer
+        if phase == "response_body" and not self.headers_seen:
+            # Envoy sends no response headers (response_header_mode: SKIP): the plan is made on the body.
+            return await self._on_body_alone(message)
         if phase == "response_body" and self.plan.action is Action.BUFFER:
             self.body_seen = self.done = True
             return await self._on_body(message.response_body)
         return _continue(phase)
 
+    async def _on_body_alone(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """A response body whose headers were never sent here: decided and, if a filter applies, filtered now."""
+        self.headers_seen = True  # one plan per exchange: later chunks (STREAMED) follow it
+        answer = self._on_headers(message)
+        if self.plan.action is Action.BUFFER:
+            config_warnings.body_only()
+            self.body_seen = self.done = True
+            return await self._on_body(message.response_body)
+        self.done = True
+        return answer if self.plan.action is Action.BLOCK else _continue("response_body")
+
     def _on_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        self.plan = plan_response(self.policy, to_handoff(message), to_head(message))
+        self.head = to_head(message)
+        self.plan = plan_response(self.policy, to_handoff(message), self.head, to_record(message))
         action = self.plan.action
         if action is Action.BUFFER:
             mode = BUFFER_CHUNKED_BODY if self.plan.declared_length is None else BUFFER_SIZED_BODY
@@ -233,6 +334,8 @@ class _Exchange:
         except Unfilterable as exc:
             self._record_block(exc.code, exc.detail, len(data))
             return blocked(exc.code, self.plan.decision_id)
+        if self.shadow is not None and self.head is not None:
+            self.shadow.compare_response(self.plan, self.head, data, body.end_of_stream)
         proxy = self.plan.proxy
         metrics.child(metrics.filtered_bytes, proxy, "upstream").inc(result.decoded_bytes)
         metrics.child(metrics.filtered_bytes, proxy, "client").inc(len(result.body))
@@ -288,8 +391,8 @@ class ProcessingStream:
 
     __slots__ = ("_exchange",)
 
-    def __init__(self, policy: Policy) -> None:
-        self._exchange = _Exchange(policy)
+    def __init__(self, policy: Policy, shadow: Shadow | None = None) -> None:
+        self._exchange = _Exchange(policy, shadow)
 
     @property
     def done(self) -> bool:
@@ -306,19 +409,20 @@ class ProcessingStream:
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """``envoy.service.ext_proc.v3.ExternalProcessor``; the policy is looked up once per stream (hot reload)."""
 
-    def __init__(self, policy: Callable[[], Policy]) -> None:
+    def __init__(self, policy: Callable[[], Policy], shadow: Shadow | None = None) -> None:
         self._policy = policy
+        self._shadow = shadow
 
     def open_stream(self) -> ProcessingStream:
         """A stream for the lean gRPC server: the same exchange as :meth:`Process`, on bytes."""
-        return ProcessingStream(self._policy())
+        return ProcessingStream(self._policy(), self._shadow)
 
     async def Process(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange = _Exchange(self._policy())
+        exchange = _Exchange(self._policy(), self._shadow)
         async for message in request_iterator:
             yield await exchange.respond(message)
             if exchange.done:

@@ -30,11 +30,12 @@ import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import structlog
-
-from extauthz.server.runtime import ReloadOutcome
 
 log = structlog.get_logger("extauthz.reload")
 
@@ -51,6 +52,37 @@ class FileVersion:
     inode: int
     size: int
     mtime_ns: int
+
+
+class ReloadOutcome(StrEnum):
+    RELOADED = "reloaded"
+    UNCHANGED = "unchanged"
+    INVALID = "invalid"
+    """The new file is broken: retrying before it changes again is pointless."""
+    UNAVAILABLE = "unavailable"
+    """The new policy is valid but its signing keys could not be loaded: worth retrying."""
+
+    @property
+    def ok(self) -> bool:
+        return self in (ReloadOutcome.RELOADED, ReloadOutcome.UNCHANGED)
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """The last reload attempt that changed something or failed, for /readyz and the admin service."""
+
+    outcome: ReloadOutcome
+    at: str
+    digest: str
+    errors: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"result": self.outcome.value, "at": self.at, "digest": self.digest or None,
+                "errors": list(self.errors)}
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def file_version(path: Path) -> FileVersion | None:
@@ -79,8 +111,10 @@ class PolicyWatcher:
         reload: Callable[[], Awaitable[ReloadOutcome]],
         running_digest: Callable[[], str],
         interval: float = DEFAULT_INTERVAL_SECONDS,
+        name: str = "policy-watcher",
     ) -> None:
         self.path = path
+        self.name = name
         self._reload = reload
         self._running_digest = running_digest
         self.interval = interval
@@ -92,7 +126,7 @@ class PolicyWatcher:
 
     def start(self) -> None:
         if self._task is None or self._task.done():  # one polling task at a time, held until stop()
-            self._task = asyncio.create_task(self._run(), name="policy-watcher")
+            self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -101,7 +135,7 @@ class PolicyWatcher:
                 await self._task
 
     async def _run(self) -> None:
-        log.info("policy_watch_started", file=str(self.path), interval_seconds=self.interval)
+        log.info("policy_watch_started", file=str(self.path), interval_seconds=self.interval, watcher=self.name)
         while True:
             await asyncio.sleep(self.interval)
             try:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ from extauthz.identity.verifier import TokenCache, Verifier
 from extauthz.observability import metrics
 from extauthz.policy.errors import PolicyError
 from extauthz.policy.model import Policy
+from extauthz.server.reload import ReloadOutcome, ReloadReport, now
+from extauthz.server.shadow import Shadow
 from extauthz.server.validation import load_for_serving
 
 log = structlog.get_logger("extauthz.runtime")
@@ -40,35 +39,12 @@ class MeteredTokenCache(TokenCache):
         return claims
 
 
-class ReloadOutcome(StrEnum):
-    RELOADED = "reloaded"
-    UNCHANGED = "unchanged"
-    INVALID = "invalid"
-    """The new file is broken: retrying before it changes again is pointless."""
-    UNAVAILABLE = "unavailable"
-    """The new policy is valid but its signing keys could not be loaded: worth retrying."""
+def envoy_warnings() -> list[str]:
+    """The Envoy configuration warnings this process has logged (each names the setting to add)."""
+    from extauthz.core.authorizer import authorization_header
+    from extauthz.server.processing import config_warnings
 
-    @property
-    def ok(self) -> bool:
-        return self in (ReloadOutcome.RELOADED, ReloadOutcome.UNCHANGED)
-
-
-@dataclass(frozen=True)
-class ReloadReport:
-    """The last reload attempt that changed something or failed, for /readyz and the admin service."""
-
-    outcome: ReloadOutcome
-    at: str
-    digest: str
-    errors: tuple[str, ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {"result": self.outcome.value, "at": self.at, "digest": self.digest or None,
-                "errors": list(self.errors)}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return config_warnings.said() + (["authorization_header_not_forwarded"] if authorization_header.said else [])
 
 
 class Runtime:
@@ -115,7 +91,7 @@ class RuntimeHolder:
         self.http = http
         self.runtime = runtime
         self._reload_lock = asyncio.Lock()
-        self.loaded_at = _now()
+        self.loaded_at = now()
         self.last_reload: ReloadReport | None = None
         # Runtimes replaced by a reload, closed once the requests they serve are done
         # (or at shutdown); held here so neither the timer nor the task is lost.
@@ -124,6 +100,7 @@ class RuntimeHolder:
         # Reloads started by reload_soon (SIGHUP), cancelled at shutdown.
         self._reloads: set[asyncio.Task[ReloadOutcome]] = set()
         self._closed = False
+        self.shadow = Shadow(http)
 
     @classmethod
     async def start(cls, path: Path, policy: Policy | None = None) -> RuntimeHolder:
@@ -138,7 +115,19 @@ class RuntimeHolder:
             raise
         metrics.policy_info.labels(policy.digest).set(1)
         log.info("policy_loaded", file=str(path), digest=policy.digest, proxies=[p.name for p in policy.proxies])
+        await sidecar.shadow.configure(policy.server.shadow, sidecar.runtime)
         return sidecar
+
+    async def reload_shadow(self) -> ReloadOutcome:
+        """The shadow policy's file changed; under the reload lock, so it binds to the runtime that serves."""
+        async with self._reload_lock:
+            if self._closed:
+                return ReloadOutcome.UNCHANGED
+            return await self.shadow.reload(self.runtime)
+
+    def watch_shadow(self, interval: float) -> None:
+        """Watch the shadow policy's file (when one is configured, now or after a reload) like the policy's."""
+        self.shadow.watch(interval, self.reload_shadow)
 
     def authorizer(self) -> Authorizer:
         return self.runtime.authorizer
@@ -161,7 +150,7 @@ class RuntimeHolder:
             if policy.digest == self.runtime.policy.digest:
                 metrics.policy_rejected.set(0)
                 if self.last_reload is not None and not self.last_reload.outcome.ok:
-                    self.last_reload = ReloadReport(ReloadOutcome.UNCHANGED, _now(), policy.digest)
+                    self.last_reload = ReloadReport(ReloadOutcome.UNCHANGED, now(), policy.digest)
                     log.info("policy_file_in_sync", file=str(self.path), digest=policy.digest,
                              detail="the file is back to the running policy; the earlier failure is cleared")
                 return ReloadOutcome.UNCHANGED
@@ -175,8 +164,9 @@ class RuntimeHolder:
                 errors = fresh.unready_providers()
                 await fresh.close()
                 return self._refused(ReloadOutcome.UNAVAILABLE, policy.digest, errors)
+            await self.shadow.configure(policy.server.shadow, fresh)  # the candidate is kept, or follows the file
             old, self.runtime = self.runtime, fresh
-            self.loaded_at = _now()
+            self.loaded_at = now()
             self.last_reload = ReloadReport(ReloadOutcome.RELOADED, self.loaded_at, policy.digest)
             metrics.policy_info.clear()
             metrics.policy_info.labels(policy.digest).set(1)
@@ -194,7 +184,7 @@ class RuntimeHolder:
             return ReloadOutcome.RELOADED
 
     def _refused(self, outcome: ReloadOutcome, digest: str, errors: list[str]) -> ReloadOutcome:
-        self.last_reload = ReloadReport(outcome, _now(), digest, tuple(errors))
+        self.last_reload = ReloadReport(outcome, now(), digest, tuple(errors))
         metrics.reloads.labels(outcome.value).inc()
         metrics.policy_rejected.set(1)
         log.error("policy_reload_failed", file=str(self.path), result=outcome.value, errors=errors,
@@ -218,6 +208,12 @@ class RuntimeHolder:
             "providers": providers,
             "lastReload": self.last_reload.as_json() if self.last_reload else None,
         }
+        shadow = self.shadow.status()
+        if shadow is not None:
+            body["shadow"] = shadow
+        warnings = envoy_warnings()
+        if warnings:  # an Envoy setting the sidecar needs is missing: said here, not by a 502 per request
+            body["envoyWarnings"] = warnings
         return runtime.ready, body
 
     def reload_soon(self) -> None:
@@ -255,6 +251,7 @@ class RuntimeHolder:
         if self._reloads:
             await asyncio.gather(*self._reloads, return_exceptions=True)
         async with self._reload_lock:
+            await self.shadow.close()
             for old, timer in list(self._retired.items()):
                 timer.cancel()
                 self._close_retired(old)

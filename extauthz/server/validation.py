@@ -26,7 +26,7 @@ from typing import Any
 from extauthz.errors import ExtauthzError
 from extauthz.identity.jwks import parse_jwks  # the very parser the key sets use
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.loader import ShapeCheck, parse_policy
+from extauthz.policy.loader import ShapeCheck, parse_policy, policy_directory
 from extauthz.policy.model import Policy, thaw
 from extauthz.policy.source import LDict, LList, read_document
 from extauthz.server.tls import TlsError, read_material
@@ -309,7 +309,7 @@ def load_for_serving(path: str | os.PathLike[str], *, shape_in_child: bool = Fal
         text = file.read_bytes()
     except OSError as exc:
         raise PolicyError([Issue(str(file), 0, "", f"cannot read policy: {exc.strerror}")]) from None
-    policy = parse_policy(text, str(file), file.resolve().parent, shape_in_child=shape_in_child, started=started)
+    policy = parse_policy(text, str(file), policy_directory(file), shape_in_child=shape_in_child, started=started)
     issues = serving_issues(policy, text)
     if issues:
         raise PolicyError(issues)

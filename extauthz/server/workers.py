@@ -354,9 +354,9 @@ class Supervisor:
         through SO_REUSEPORT as a TCP port is). grpc.aio binds its own sockets, so it cannot take part."""
         from extauthz.server.app import GRPC_SERVER_ENV, grpc_server
 
-        if spec == self.settings.grpc_address and (self.policy.server.tls is not None or grpc_server() != "lean"):
+        if spec == self.settings.grpc_address and grpc_server() != "lean":
             raise ListenError(f"cannot listen on {spec} ({what}) with {len(self.slots)} workers: grpc.aio "
-                              f"(server.tls or {GRPC_SERVER_ENV}=grpcio) binds its own sockets, so a Unix socket "
+                              f"({GRPC_SERVER_ENV}=grpcio) binds its own sockets, so a Unix socket "
                               "serves one process there (--workers 1), or use a TCP port")
         sock = bind_unix(path, spec)
         sock.listen(LISTEN_BACKLOG)

@@ -19,25 +19,36 @@ unresolved, which fails closed as in production.
 
 Exit codes: 0 every test passed, 1 some test failed, 2 the test file or the
 policy is invalid (the policy gets exactly the checks ``extauthz serve`` applies).
+
+With ``--against OTHER`` the cases are also decided by a second policy and the
+ones whose decision differs are listed after the results (as ``extauthz diff
+--tests`` lists them): expectations are checked against the tested policy only,
+so the exit code means what it always does. Cases are run, and their outcomes
+compared, by :mod:`extauthz.toolbox.diff`, the one runner of both commands.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
 from extauthz.policy.errors import Issue, PolicyError
-from extauthz.policy.model import Policy, Rule
+from extauthz.policy.model import Policy
 from extauthz.policy.source import LDict, LList, read_document
-from extauthz.server.validation import load_for_serving
-from extauthz.toolbox.explain import Explanation, Identity, build_request, decide
+from extauthz.toolbox.diff import (
+    CaseError,
+    Run,
+    case_changes,
+    load_policies,
+    render_case_changes,
+    rule_correspondence,
+    run_cases,
+)
+from extauthz.toolbox.explain import Explanation, Identity, build_request
 
 PASSED, FAILED, INVALID = 0, 1, 2
 
@@ -93,21 +104,6 @@ class Suite:
     file: Path
     policy_file: Path
     cases: tuple[Case, ...]
-
-
-class ScriptedRelationships:
-    """Answers relationship conditions from the test case; unscripted rules stay unresolved."""
-
-    def __init__(self, answers: Mapping[int, bool]) -> None:
-        self.answers = answers
-
-    async def resolve_all(
-        self, pending: Sequence[tuple[Rule, Mapping[str, str]]], request: HttpRequest, claims: Claims
-    ) -> list[bool | None]:
-        return [self.answers.get(rule.index) for rule, _ in pending]
-
-    async def aclose(self) -> None:
-        return None
 
 
 # --- parsing ---------------------------------------------------------------
@@ -278,18 +274,13 @@ class CaseResult:
 
 
 async def run_suite(suite: Suite, policy: Policy, only: str = "") -> list[CaseResult]:
+    """Every case (whose name matches ``only``) decided by ``policy`` and checked against its expectation."""
     pattern = re.compile(only) if only else None
+    cases = [case for case in suite.cases if pattern is None or pattern.search(case.name)]
     results = []
-    async with httpx.AsyncClient() as http:  # never used for keys; the variant's are inline
-        for case in suite.cases:
-            if pattern is not None and not pattern.search(case.name):
-                continue
-            relationships = ScriptedRelationships(case.relationships)
-            try:
-                got = await decide(policy, case.request, case.identity, http, relationships)
-            finally:
-                await relationships.aclose()
-            results.append(CaseResult(case, got, tuple(case.expect.mismatches(got))))
+    for case, run in zip(cases, await run_cases(policy, cases), strict=True):
+        assert run.explanation is not None  # run_cases raises rather than tolerate a case that cannot run
+        results.append(CaseResult(case, run.explanation, tuple(case.expect.mismatches(run.explanation))))
     return results
 
 
@@ -309,16 +300,37 @@ def report(suite: Suite, policy: Policy, results: list[CaseResult], verbose: boo
     return "\n".join(lines), FAILED if failed else PASSED
 
 
+AGAINST_LABELS = ("policy", "against")
+
+
+async def compare_against(suite: Suite, policy: Policy, results: list[CaseResult], other: Policy) -> str:
+    """The cases of ``results`` whose decision ``other`` changes, with both outcomes and traces."""
+    cases = [result.case for result in results]
+    before = [Run(result.got) for result in results]  # decided once: the very outcomes the tests checked
+    after = await run_cases(other, cases, tolerate=True)
+    changes = case_changes(suite.file, cases, before, after, rule_correspondence(policy, other))
+    lines = [f"{suite.file}: against {other.source} (policy {other.digest})",
+             *render_case_changes(changes, len(cases), AGAINST_LABELS)]
+    return "\n".join(lines)
+
+
 async def run_file(file: Path, policy_override: Path | None = None, only: str = "",
-                   verbose: bool = False) -> tuple[str, int]:
-    """Load, run and report one test file; invalid input gives exit code 2 and the issues."""
+                   verbose: bool = False, against: Path | None = None) -> tuple[str, int]:
+    """Load, run and report one test file; invalid input gives exit code 2 and the issues.
+
+    ``against``: also decide every case with this policy and list the cases whose
+    decision differs; the exit code still reports the expectations only.
+    """
     try:
         suite = load_suite(file, policy_override)
-        policy = load_for_serving(suite.policy_file)
+        policy, *others = load_policies(suite.policy_file, *([against] if against is not None else []))
     except PolicyError as exc:
         return f"{file}: cannot run:\n{exc}", INVALID
     try:
         results = await run_suite(suite, policy, only)
-    except ValueError as exc:  # e.g. a token for a provider the policy does not define
-        return f"{file}: cannot run: {exc}", INVALID
-    return report(suite, policy, results, verbose)
+    except CaseError as exc:  # e.g. a token for a provider the policy does not define
+        return f"{file}:{exc.case.line}: test {exc.case.name!r} cannot run: {exc.reason}", INVALID
+    text, code = report(suite, policy, results, verbose)
+    for other in others:
+        text += "\n" + await compare_against(suite, policy, results, other)
+    return text, code
