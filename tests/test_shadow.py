@@ -316,3 +316,35 @@ def test_a_candidate_in_a_configmap_follows_kubelets_updates(
             await holder.close()
 
     asyncio.run(main())
+
+
+def test_a_candidate_that_cannot_follow_an_active_reload_is_off_until_it_loads_again(
+    tmp_path: Path, idp: IdentityProvider, fga: OpenFgaServer,
+) -> None:
+    """Its own provider's keys are unreachable when the active policy reloads: no candidate judging nothing."""
+
+    async def main(other: IdentityProvider) -> None:
+        candidate = document(other, fga, ACTIVE_RULES)  # its provider trusts another issuer: a key set of its own
+        sidecar = await start(tmp_path, idp, document(idp, fga, ACTIVE_RULES, shadow=True), candidate)
+        sidecar.holder.watch_shadow(0.05)
+        try:
+            digest = sidecar.holder.shadow.digest
+            other.down = True
+            (tmp_path / "policy.yaml").write_text(document(idp, fga, CANDIDATE_RULES, shadow=True))
+            assert await sidecar.holder.reload() is ReloadOutcome.RELOADED  # the active policy's keys are shared
+            status = sidecar.status()
+            assert status["digest"] is None and status["lastReload"]["result"] == "unavailable"
+            other.down = False
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if sidecar.holder.shadow.digest == digest:
+                    break
+            assert sidecar.holder.shadow.digest == digest  # loaded again for the new active policy
+            assert (await sidecar.check("/v1/users/7", sub="svc-batch")).status == 403
+            await sidecar.settle()
+            assert sidecar.status()["differences"] == 1  # and judging beside it (401: not its issuer)
+        finally:
+            await sidecar.holder.close()
+
+    with IdentityProvider() as other:
+        asyncio.run(main(other))

@@ -175,5 +175,9 @@ class PolicyWatcher:
             self._retry_at = loop.time() + self._retry_delay
         return outcome
 
+    def recheck(self) -> None:
+        """Read the file at the next poll even if it did not change (what runs was dropped: load it again)."""
+        self._seen = None
+
     def _forget_failure(self) -> None:
         self._refused_digest, self._retry_at, self._retry_delay = None, None, 0.0

@@ -262,12 +262,20 @@ class Shadow:
                 metrics.shadow_info.clear()
             await self._stop_watching()
             return
+        dropped = False
         if same_file:
             assert self.candidate is not None
-            await self._install(self.candidate.policy, runtime)
+            if not (await self._install(self.candidate.policy, runtime)).ok:
+                dropped = True
+                # Bound to a runtime about to be replaced, it would judge nothing: off until the watcher loads
+                # it again for the new one (the failure is shown on /readyz meanwhile).
+                self._retire(self.candidate)
+                self.candidate = None
         else:
             await self._load(runtime)
         self._watch()
+        if dropped and self._watcher is not None:
+            self._watcher.recheck()
 
     async def reload(self, runtime: Runtime) -> ReloadOutcome:
         """The candidate file changed: load it for ``runtime``; a failure keeps the candidate that runs."""
