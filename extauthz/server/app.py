@@ -267,18 +267,17 @@ async def serve(
     """
     sidecar = await RuntimeHolder.start(config, policy)
     settings = sidecar.runtime.policy.server
-    http_address = metrics_address if metrics_address is not None else settings.metrics_address
+    observability_address = metrics_address if metrics_address is not None else settings.metrics_address
     try:
         server = Server(sidecar, address or settings.grpc_address,
                         admin_address if admin_address is not None else settings.admin_address,
                         reuse_port=worker is not None,
-                        http_address=http_authz_address if http_authz_address is not None
-                        else getattr(settings, "http_address", ""))
+                        http_address=http_authz_address if http_authz_address is not None else settings.http_address)
         http: ObservabilityServer | None = None
         metrics.live_state.source = lambda: (sidecar.runtime.ready, sidecar.runtime.key_ages())
-        if http_address:
-            listen = parse_address(http_address, unix=False)
-            probe_listen(http_address, "metrics, server.metricsAddress")
+        if observability_address:
+            listen = parse_address(observability_address, unix=False)
+            probe_listen(observability_address, "metrics, server.metricsAddress")
             http = ObservabilityServer(listen.host, listen.port, metrics.REGISTRY, sidecar.readiness)
             await http.start()
         await server.start()

@@ -100,13 +100,6 @@ def route_proxy(metadata: Mapping[str, struct_pb2.Struct]) -> str | None:
     return named.pop() if len(named) == 1 else ""
 
 
-def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    # ext_authz reads `value`, not `raw_value`; OVERWRITE so a client copy is replaced.
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=value), append_action=OVERWRITE
-    )
-
-
 def _add_header(headers: Any, name: str, value: str) -> None:
     # ext_authz reads `value`, not `raw_value`; OVERWRITE so a client copy is replaced.
     option = headers.add()
@@ -138,17 +131,18 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             response.dynamic_metadata.fields[HANDOFF_HEADER].string_value = encode_handoff(decision.metadata)
         response.dynamic_metadata.fields[RECORD_HEADER].string_value = record_of(decision)
         return response
-    headers = [_header("content-type", "application/json"), _header("x-extauthz-decision-id", decision.decision_id)]
-    if decision.www_authenticate:
-        headers.append(_header("www-authenticate", decision.www_authenticate))
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=_GRPC_CODE.get(decision.status, code_pb2.PERMISSION_DENIED)),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),
-            headers=headers,
             body=decision.body().decode(),
         ),
     )
+    headers = response.denied_response.headers
+    _add_header(headers, "content-type", "application/json")
+    _add_header(headers, "x-extauthz-decision-id", decision.decision_id)
+    if decision.www_authenticate:
+        _add_header(headers, "www-authenticate", decision.www_authenticate)
     response.dynamic_metadata.fields[RECORD_HEADER].string_value = record_of(decision)
     return response
 

@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("extauthz.extproc")
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 BUFFER_SIZED_BODY = processing_mode_pb2.ProcessingMode(
