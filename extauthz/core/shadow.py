@@ -44,8 +44,6 @@ class Outcome:
         return cls(decision.status, decision.code, decision.rule.index if decision.rule else None,
                    decision.reason, bool(decision.metadata))
 
-    def differs_from(self, other: Outcome) -> bool:
-        return self.status != other.status or self.code != other.code
 
 
 class CallBudget:
@@ -67,3 +65,8 @@ class CallBudget:
 
 SHADOW_BUDGET: ContextVar[CallBudget | None] = ContextVar("extauthz_shadow_budget", default=None)
 """Set only inside a shadow evaluation's task: the relationship resolver reads it, the active path sees None."""
+
+
+def differ(active: Decision, shadow: Decision) -> bool:
+    """Whether a client would see another answer: another status or another code (see the module docstring)."""
+    return active.status != shadow.status or active.code != shadow.code

@@ -35,7 +35,7 @@ import structlog
 
 from extauthz.core.claims import Claims
 from extauthz.core.request import HttpRequest
-from extauthz.core.shadow import SHADOW_BUDGET
+from extauthz.core.shadow import SHADOW_BUDGET, CallBudget
 from extauthz.observability import metrics
 from extauthz.policy.model import BackendAuth, Consistency, Policy, Rule
 from extauthz.relationships.auth import ClientCredentials, credentials
@@ -145,23 +145,14 @@ class Relationships:
         lookups: list[tuple[_Question, _Ask]] = []
         loop = asyncio.get_running_loop()
         budget = SHADOW_BUDGET.get()  # None but in a shadow evaluation
-        charged: set[str] = set()  # OpenFGA backends this step already asks: one BatchCheck holds every question
-
-        def over_budget(q: _Question) -> bool:
-            if budget is None:
-                return False
-            if isinstance(q.query, CheckQuery):
-                if q.backend in charged:
-                    return False
-                charged.add(q.backend)
-            return not budget.take()
-
+        # OpenFGA backends this step already asks: one BatchCheck holds every question (shadow evaluations only).
+        charged: set[str] | None = set() if budget is not None else None
         for q in questions:
             query = q.query
             if query is None:
                 continue
             if isinstance(query, CheckQuery) and query.consistency is Consistency.HIGHER_CONSISTENCY:
-                if over_budget(q):
+                if charged is not None and _over_budget(q, budget, charged):
                     q.answer = _OVER_BUDGET
                     continue
                 metrics.child(metrics.relationship_cache, "memory", "bypass").inc()
@@ -177,7 +168,7 @@ class Relationships:
             if q.wait is not None:
                 metrics.child(metrics.relationship_cache, "memory", "in_flight").inc()
                 continue
-            if over_budget(q):  # counted as a call even if Redis answers it
+            if charged is not None and _over_budget(q, budget, charged):  # a call even if Redis answers it
                 q.answer = _OVER_BUDGET
                 continue
             metrics.child(metrics.relationship_cache, "memory", "miss").inc()
@@ -291,3 +282,14 @@ class Relationships:
         log.warning("relationship_unresolved", backend=q.backend, cause=failure.cause, detail=failure.detail,
                     rule_index=q.rule.index, request_id=request.request_id)
         return None
+
+
+def _over_budget(q: _Question, budget: CallBudget | None, charged: set[str]) -> bool:
+    """Whether asking ``q`` would take a shadow evaluation past its backend calls (and spend one if not)."""
+    if budget is None:
+        return False
+    if isinstance(q.query, CheckQuery):
+        if q.backend in charged:
+            return False
+        charged.add(q.backend)
+    return not budget.take()

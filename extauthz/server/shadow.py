@@ -52,7 +52,7 @@ from extauthz.core.decision import Decision
 from extauthz.core.handoff import Handoff
 from extauthz.core.request import HttpRequest
 from extauthz.core.rules import NoRelationships, RelationshipResolver
-from extauthz.core.shadow import SHADOW_BUDGET, UNDECIDED, CallBudget, Outcome
+from extauthz.core.shadow import SHADOW_BUDGET, UNDECIDED, CallBudget, Outcome, differ
 from extauthz.eager import run_for_value
 from extauthz.filtering.codec import Unfilterable, decode, parse
 from extauthz.filtering.engine import apply_filters
@@ -444,7 +444,7 @@ class Shadow:
         if shadow is None:
             counts.undecided += 1
             return
-        if active.status != shadow.status or active.code != shadow.code:
+        if differ(active, shadow):
             counts.differences += 1
             metrics.child(metrics.shadow_differences, active.proxy, active.code, shadow.code).inc()
             log_info("shadow_diff", {
