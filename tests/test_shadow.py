@@ -348,3 +348,38 @@ def test_a_candidate_that_cannot_follow_an_active_reload_is_off_until_it_loads_a
 
     with IdentityProvider() as other:
         asyncio.run(main(other))
+
+
+def test_response_bodies_held_for_comparison_are_bounded_in_bytes(
+    tmp_path: Path, idp: IdentityProvider, fga: OpenFgaServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream's large bodies cannot make the shadow hold more than its budget: past it, skipped as busy."""
+    from extauthz.filtering.scope import Action, ResponseHead, ResponsePlan
+
+    monkeypatch.setattr(shadow_module, "MAX_HELD_BYTES", 1000)
+    orders_filter = {"methods": ["GET"], "path": {"pattern": "^/v1/orders"}, "defaultFilterOperation": "destroy",
+                     "operations": [{"effect": "retain", "jsonPath": {"pattern": "^orders$"}}]}
+
+    def with_filter(text: str) -> str:
+        doc = yaml.safe_load(text)
+        doc["proxies"][0]["filters"] = [orders_filter]
+        return str(yaml.safe_dump(doc, sort_keys=False))
+
+    async def main() -> None:
+        sidecar = await start(tmp_path, idp, with_filter(document(idp, fga, ACTIVE_RULES, shadow=True)),
+                              with_filter(document(idp, fga, ACTIVE_RULES)))
+        try:
+            first, second = await sidecar.check("/v1/orders"), await sidecar.check("/v1/orders")
+            await sidecar.settle()  # both sampled (responseSampleRate 1)
+            head = ResponseHead(200, {"content-type": "application/json"})
+            shadow = sidecar.holder.shadow
+            for decision in (first, second):
+                plan = ResponsePlan(Action.BUFFER, "orders-api", decision.decision_id, limit=1 << 20)
+                shadow.compare_response(plan, head, b'{"orders": [' + b'1,' * 300 + b'1]}', True)
+            assert sidecar.status()["skipped"] == 1  # the second body would pass 1,000 bytes held
+            await sidecar.settle()
+            assert sidecar.status()["responsesCompared"] == 1 and shadow._held_bytes == 0
+        finally:
+            await sidecar.holder.close()
+
+    asyncio.run(main())

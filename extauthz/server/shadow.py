@@ -72,6 +72,8 @@ log = structlog.get_logger("extauthz.shadow")
 
 MAX_PENDING = 256
 """Shadow evaluations queued or waiting at once; each holds one request and its active decision."""
+MAX_HELD_BYTES = 16 << 20
+"""Response bodies held for comparison at once (each up to ``server.maxBodyBytes``); past it, skipped as busy."""
 MAX_SAMPLED_HANDOFFS = 1024
 """Candidate hand-offs kept for the response phase (oldest dropped): responses usually follow within seconds."""
 _CLOSING = "close-shadow-candidate"
@@ -232,6 +234,7 @@ class Shadow:
         self.counts = _Counts()
         self._queue: collections.deque[tuple[Candidate, HttpRequest, Decision]] = collections.deque()
         self._tally: dict[tuple[str, str, str], int] = {}
+        self._held_bytes = 0
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._samples: collections.OrderedDict[str, _Sample] = collections.OrderedDict()
@@ -477,13 +480,22 @@ class Shadow:
         """
         if self.candidate is None or not complete:
             return
-        if len(self._tasks) >= MAX_PENDING:
+        if plan.decision_id not in self._samples and not self._queue:
+            return  # not sampled: its Check was evaluated already (nothing queued could still add it)
+        if len(self._tasks) >= MAX_PENDING or self._held_bytes + len(body) > MAX_HELD_BYTES:
             self.counts.skipped += 1
             metrics.child(metrics.shadow_skipped, "busy").inc()
             return
+        self._held_bytes += len(body)
         self._spawn(self._compare(plan, head, body))
 
     async def _compare(self, plan: ResponsePlan, head: ResponseHead, body: bytes) -> None:
+        try:
+            await self._compare_held(plan, head, body)
+        finally:
+            self._held_bytes -= len(body)
+
+    async def _compare_held(self, plan: ResponsePlan, head: ResponseHead, body: bytes) -> None:
         if self._queue:
             self._drain()  # the candidate's evaluation of this response's Check may still be queued
         sample = self._samples.pop(plan.decision_id, None)
